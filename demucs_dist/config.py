@@ -1,0 +1,111 @@
+"""Configuration as dataclasses with the paper's defaults, and the one place that turns them into
+command-line options (`add_options`) and back (`from_options`).
+
+A field's help text and choices live in its metadata, so an option is spelled exactly once::
+
+    segment: float = option(10.0, "training segment in seconds")
+
+The option name is the field name with dashes (`--max-device-batch`). Booleans get `--x/--no-x`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def option(default: Any, help: str, *, choices: Sequence[Any] | None = None, flag: str | None = None) -> Any:
+    """A dataclass field that is also a command-line option."""
+    metadata = {"help": help, "choices": choices, "flag": flag}
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _option_type(annotation: Any) -> tuple[type, bool]:
+    """(element type, is_list) of a field annotation such as `int`, `str | None` or `list[str]`."""
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin is list:
+        return args[0], True
+    if args:  # Optional[X] / X | None
+        return _option_type(args[0])
+    return annotation, False
+
+
+def add_options(parser: argparse.ArgumentParser, config_cls: type, title: str | None = None) -> None:
+    """Add one option per field of `config_cls` to `parser` (in an argument group named `title`)."""
+    group = parser.add_argument_group(title or config_cls.__name__)
+    hints = typing.get_type_hints(config_cls)
+    for field in dataclasses.fields(config_cls):
+        meta = field.metadata
+        if "help" not in meta:
+            continue
+        flag = meta.get("flag") or "--" + field.name.replace("_", "-")
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        kind, is_list = _option_type(hints[field.name])
+        kwargs: dict[str, Any] = dict(dest=field.name, default=default, help=meta["help"] + " (default: %(default)s)")
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["help"] = meta["help"]
+        else:
+            kwargs["type"] = kind
+            kwargs["metavar"] = field.name.upper()
+            if is_list:
+                kwargs["nargs"] = "*"
+            if meta.get("choices"):
+                kwargs["choices"] = meta["choices"]
+                del kwargs["metavar"]
+        group.add_argument(flag, **kwargs)
+
+
+def from_options(config_cls: type[T], args: argparse.Namespace) -> T:
+    """Build a `config_cls` from the parsed options that `add_options` added."""
+    names = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    return config_cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def parse(config_cls: type[T], argv: Sequence[str] | None, prog: str, description: str) -> T:
+    """Parse `argv` into a `config_cls`: the whole command line of a stage is one dataclass."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    add_options(parser, config_cls, "options")
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    return from_options(config_cls, args)
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Demucs v1 hyper-parameters. Defaults are the paper's except `channels` (64, the light model)."""
+
+    sources: int = option(4, "number of sources the model separates")
+    audio_channels: int = option(2, "audio channels (2 = stereo)")
+    channels: int = option(64, "channels of the first encoder layer (paper: 100; 64 is the light model)")
+    depth: int = option(6, "number of encoder/decoder layers")
+    rewrite: bool = option(True, "1x1 (encoder) and 3-wide (decoder) convolutions with GLU in every layer")
+    glu: bool = option(True, "GLU activation after the rewrite convolutions (else ReLU)")
+    rescale: float = option(0.1, "reference std for the rescaling init of convolutions (0 = off)")
+    kernel_size: int = option(8, "kernel size of the strided convolutions")
+    stride: int = option(4, "stride of the strided convolutions")
+    growth: float = option(2.0, "channel growth factor from one layer to the next")
+    lstm_layers: int = option(2, "BLSTM layers at the bottleneck (0 = none)")
+    context: int = option(3, "kernel size of the decoder's rewrite convolution")
+    samplerate: int = option(44100, "sample rate the model works at")
+
+
+@dataclasses.dataclass
+class ApplyConfig:
+    """How a trained model is run over whole songs (evaluation, separation)."""
+
+    shifts: int = option(10, "random shifts in [0, 0.5 s) averaged per song (the shift trick; 0 = off)")
+    split: bool = option(True, "run long songs in segments so memory stays bounded")
+    segment: float = option(10.0, "segment length in seconds when splitting")
+    overlap: float = option(0.25, "overlap between segments, as a fraction (0 = plain chunks)")
+    batch_size: int = option(4, "segments/shifts run through the model at once")

@@ -1,0 +1,46 @@
+import subprocess
+import sys
+
+import torch
+
+from demucs_dist.cli import SUBCOMMANDS, main
+from demucs_dist.model import Demucs
+from demucs_dist.modelfile import save_model
+
+
+def test_usage_lists_every_subcommand(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in SUBCOMMANDS)
+
+
+def test_unknown_subcommand_is_one_line_and_exit_2(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "unknown subcommand" in capsys.readouterr().err
+
+
+def test_info_prints_parameter_count(tmp_path, capsys):
+    model = Demucs(channels=4, depth=3)
+    save_model(model, tmp_path / "m.th", epoch=1)
+    assert main(["info", str(tmp_path / "m.th")]) == 0
+    out = capsys.readouterr().out
+    assert str(sum(p.numel() for p in model.parameters())) in out and '"epoch": 1' in out
+
+
+def test_bad_model_file_is_one_clear_line_without_traceback(tmp_path):
+    bad = tmp_path / "bad.th"
+    bad.write_bytes(b"\x00" * 10)
+    result = subprocess.run([sys.executable, "-m", "demucs_dist.cli", "info", str(bad)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error:") and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    debug = subprocess.run(
+        [sys.executable, "-m", "demucs_dist.cli", "info", str(bad), "--debug"], capture_output=True, text=True
+    )
+    assert "Traceback" in debug.stderr
+
+
+def test_console_script_is_installed():
+    exe = __import__("shutil").which("demucs-dist", path=str(__import__("pathlib").Path(sys.executable).parent))
+    assert exe is not None
+    assert torch  # the installed package imports with torch
