@@ -71,14 +71,20 @@ def from_options(config_cls: type[T], args: argparse.Namespace) -> T:
     return config_cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def parse(config_cls: type[T], argv: Sequence[str] | None, prog: str, description: str) -> T:
-    """Parse `argv` into a `config_cls`: the whole command line of a stage is one dataclass."""
+def parse(
+    argv: Sequence[str] | None, prog: str, description: str, *config_classes: type, epilog: str | None = None
+) -> tuple:
+    """Parse `argv` into one instance of each of `config_classes` (one option group each).
+
+    Field names must be unique across the classes: each option is spelled once.
+    """
     parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_options(parser, config_cls, "options")
+    for config_cls in config_classes:
+        add_options(parser, config_cls, (config_cls.__doc__ or config_cls.__name__).strip().split("\n")[0])
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    return from_options(config_cls, args)
+    return tuple(from_options(config_cls, args) for config_cls in config_classes)
 
 
 @dataclasses.dataclass

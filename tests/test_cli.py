@@ -44,3 +44,11 @@ def test_console_script_is_installed():
     exe = __import__("shutil").which("demucs-dist", path=str(__import__("pathlib").Path(sys.executable).parent))
     assert exe is not None
     assert torch  # the installed package imports with torch
+
+
+def test_config_options_round_trip():
+    from demucs_dist.config import ApplyConfig, ModelConfig, parse
+
+    model, apply = parse(["--channels", "8", "--no-glu", "--shifts", "2"], "x", "y", ModelConfig, ApplyConfig)
+    assert model == ModelConfig(channels=8, glu=False) and apply == ApplyConfig(shifts=2)
+    assert parse([], "x", "y", ModelConfig)[0] == ModelConfig()  # defaults are the dataclass's

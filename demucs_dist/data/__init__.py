@@ -1,0 +1,1 @@
+"""The data path: MUSDB-format songs -> z-scored webdataset shards -> training batches."""

@@ -1,0 +1,142 @@
+"""MUSDB18 songs through the `musdb` package, with the checks musdb does not make.
+
+musdb returns 0 songs for a root that does not exist and an empty validation split for names
+that do not match, both silently; here both are errors that say what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+from .. import SAMPLERATE, SOURCES
+from ..audio import require_ffmpeg
+from ..errors import UserError
+
+# A MUSDB-format root may list its own validation songs here, one name per line (`synth` writes it).
+VALIDATION_FILE = "validation_tracks.txt"
+
+
+@dataclass
+class Song:
+    """One song, float32 (channels, samples) arrays at `samplerate`."""
+
+    name: str
+    mix: np.ndarray  # (channels, samples)
+    sources: np.ndarray  # (len(SOURCES), channels, samples), in SOURCES order
+    samplerate: int
+
+    @property
+    def seconds(self) -> float:
+        return self.mix.shape[-1] / self.samplerate
+
+
+def open_tracks(root: str | os.PathLike, is_wav: bool, subset: str = "train") -> list:
+    """The musdb tracks of `subset` ('train' or 'test') under `root`, sorted by name; never empty."""
+    require_ffmpeg()
+    import musdb  # imported late: it checks for ffmpeg at import time
+
+    root = Path(root)
+    layout = (
+        "<root>/{train,test}/<song>/{mixture,drums,bass,other,vocals}.wav"
+        if is_wav
+        else "<root>/{train,test}/*.stem.mp4"
+    )
+    if not root.is_dir():
+        raise UserError(f"MUSDB root not found: {root}")
+    if not (root / subset).is_dir():
+        raise UserError(f"no '{subset}' folder in {root}: expected the MUSDB18 layout {layout}")
+    tracks = musdb.DB(root=str(root), is_wav=is_wav, subsets=subset).tracks
+    if not tracks:
+        other = "without --is-wav (.stem.mp4 files)" if is_wav else "with --is-wav (wav folders)"
+        raise UserError(f"no songs found in {root / subset} (expected {layout}); try {other}?")
+    return sorted(tracks, key=lambda t: t.name)
+
+
+def official_validation_names() -> list[str]:
+    """The 14 validation songs of MUSDB18's official split, as listed by musdb."""
+    require_ffmpeg()
+    import musdb
+    import yaml
+
+    with open(Path(musdb.__file__).parent / "configs" / "mus.yaml") as f:
+        return list(yaml.safe_load(f)["validation_tracks"])
+
+
+def choose_validation(names: list[str], root: str | os.PathLike, spec: str = "auto", seed: int = 0) -> list[str]:
+    """Pick the validation songs among the train subset's `names`.
+
+    spec: 'auto' (the root's validation_tracks.txt if present, else 'official'), 'official'
+    (musdb's 14 songs), an integer N (N songs drawn with `seed`, e.g. 16 as in the report), a
+    file with one name per line, or comma-separated names.
+    """
+    listing = Path(root) / VALIDATION_FILE
+    if spec == "auto":
+        spec = str(listing) if listing.is_file() else "official"
+    if spec == "official":
+        wanted = official_validation_names()
+        chosen = [n for n in names if n in wanted]
+        if not chosen:
+            raise UserError(
+                f"none of musdb's official validation songs are in {root}/train; "
+                "name your own with --valid-tracks (a count, a file, or comma-separated names)"
+            )
+        return chosen
+    if spec.isdigit():
+        count = int(spec)
+        if not 0 < count < len(names):
+            raise UserError(f"--valid-tracks {count}: need between 1 and {len(names) - 1} of the {len(names)} songs")
+        return sorted(random.Random(seed).sample(names, count))
+    wanted = Path(spec).read_text().split("\n") if os.path.isfile(spec) else spec.split(",")
+    wanted = [w.strip() for w in wanted if w.strip()]
+    missing = [w for w in wanted if w not in names]
+    if missing or not wanted:
+        raise UserError(f"validation songs not found in {root}/train: {', '.join(missing) or '(empty list)'}")
+    return [n for n in names if n in wanted]
+
+
+def _as_stereo(audio: np.ndarray, where: str) -> np.ndarray:
+    """(samples, channels) -> (2, samples) float32; mono is duplicated."""
+    if audio.ndim == 1 or audio.shape[1] == 1:
+        audio = np.repeat(audio.reshape(-1, 1), 2, axis=1)
+    if audio.shape[1] != 2:
+        raise UserError(f"{where}: {audio.shape[1]} channels, expected mono or stereo")
+    return np.ascontiguousarray(audio.T, dtype=np.float32)
+
+
+def _check_rate(rate: float, where: str) -> None:
+    if int(rate) != SAMPLERATE:
+        raise UserError(
+            f"{where} is at {int(rate)} Hz; MUSDB18 and the model use {SAMPLERATE} Hz "
+            f"(convert it first, e.g. ffmpeg -i IN -ar {SAMPLERATE} OUT)"
+        )
+
+
+def read_song(track) -> Song:
+    """Decode a musdb track into a Song (mixture and the four sources, SOURCES order)."""
+    if track.is_wav:  # soundfile is ~30x faster than musdb's ffmpeg subprocess per file
+        paths = [track.path] + [track.sources[name].path for name in SOURCES]
+        streams = []
+        for path in paths:
+            try:
+                audio, rate = soundfile.read(path, dtype="float32", always_2d=True)
+            except (soundfile.LibsndfileError, RuntimeError) as exc:
+                raise UserError(f"cannot read {path}: {exc}") from None
+            _check_rate(rate, path)
+            streams.append(_as_stereo(audio, path))
+    else:
+        try:
+            stems = track.stems  # (5, samples, channels): mixture then stems in stem_id order
+        except Exception as exc:  # stempeg raises bare errors for unreadable files
+            raise UserError(f"cannot read {track.path}: {exc}") from None
+        _check_rate(track.rate, track.path)
+        order = {name: source.stem_id for name, source in track.sources.items()}
+        streams = [_as_stereo(stems[0], track.path)] + [_as_stereo(stems[order[n]], track.path) for n in SOURCES]
+    length = min(s.shape[-1] for s in streams)  # encoders may pad streams differently
+    streams = [s[..., :length] for s in streams]
+    return Song(track.name, streams[0], np.stack(streams[1:]), SAMPLERATE)
