@@ -1,0 +1,426 @@
+"""`demucs-dist shard`: cut MUSDB18 songs into z-scored chunks and write webdataset tar shards.
+
+Output (`--out`):
+    train/NNNNNN.tar   chunks of the four sources of the training songs (key.json, key.sources.npy)
+    valid/NNNNNN.tar   whole validation songs (key.json, key.mix.npy, key.sources.npy)
+    manifest.json      sample rate, sources, chunking, dtype, per-song statistics, per-shard counts,
+                       bytes and sha256: everything the loader needs
+Every stream of a song is z-scored with the mean and std of the song's mono mixture; each sample's
+json carries its song, offset (samples), mean and std.
+
+Chunking (the training length L = the default model's valid_length(segment) + shift):
+    lean    chunks of stride + L samples every stride (default stride = L); the loader draws
+            `crops` random crops from each, so every start position is reachable at ~2x storage
+    paper   chunks of L every stride (default 1 s), one crop each: ~11x storage
+    report  1.25 chunks of L per minute of song at random (seeded) positions, one crop each
+
+The plan (which chunk goes to which shard) depends only on the songs and the options, so a
+rerun writes the same bytes: it skips shards that are complete (a sidecar NNNNNN.tar.json is
+written after the tar; both must match) and a shard is written under a temporary name and
+renamed when complete, so a killed run never leaves a partial shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import tarfile
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import soundfile
+from tqdm import tqdm
+
+from .. import AUDIO_CHANNELS, SAMPLERATE, SOURCES
+from ..apply import SILENCE_STD
+from ..config import ModelConfig, option, parse
+from ..errors import UserError, run_main
+from ..files import atomic_path
+from ..model import Demucs
+from .loader import MANIFEST
+from .songs import choose_validation, open_tracks, read_song
+
+CHUNKINGS = ("lean", "paper", "report")
+DTYPES = ("float16", "float32")
+MANIFEST_VERSION = 1
+SHARD_NAME = re.compile(r"^\.?\d{6}\.tar(\.json)?(\.tmp\d+)?$")
+MEMBER_OVERHEAD = 3 * 512 + 3 * 128  # tar headers, padding and .npy headers of one sample, roughly
+
+
+@dataclasses.dataclass
+class ShardConfig:
+    """Shard writer"""
+
+    musdb: str = option("", "MUSDB18 root: the folder holding train/ (and test/)")
+    is_wav: bool = option(False, "read the MUSDB18-HQ wav layout (<song>/mixture.wav, ...) instead of .stem.mp4")
+    out: str = option("shards", "output folder for manifest.json, train/*.tar and valid/*.tar")
+    valid_tracks: str = option(
+        "auto",
+        "validation songs: auto (the root's validation_tracks.txt, else official), official (musdb's 14), "
+        "a count N (drawn with --seed; the report used 16), a file with one name per line, or comma-separated names",
+    )
+    chunking: str = option(
+        "lean",
+        "lean: stride+L chunks every stride, several crops each (~2x storage); paper: L-sample chunks every "
+        "1 s (~11x storage); report: 1.25 random L-sample chunks per minute",
+        choices=CHUNKINGS,
+    )
+    segment: float = option(10.0, "training segment in seconds; L = the default model's valid_length of it + shift")
+    shift: float = option(1.0, "random shift in seconds the loader may apply on top of the segment")
+    stride: float = option(0.0, "seconds between chunk starts (0: lean = L, paper = 1 s; unused by report)")
+    crops: int = option(0, "crops the loader draws per chunk and epoch (0: lean = stride in seconds, else 1)")
+    chunks_per_minute: float = option(1.25, "report chunking: random chunks per minute of song")
+    dtype: str = option("float16", "sample type stored in the shards", choices=DTYPES)
+    normalize: bool = option(True, "z-score every song by its mono mixture's mean and std (else mean 0, std 1)")
+    shard_size: float = option(256.0, "target shard size in MB (a whole validation song may exceed it)")
+    workers: int = option(min(8, os.cpu_count() or 1), "processes writing shards in parallel (1 = in this process)")
+    seed: int = option(0, "seed for --valid-tracks N, report chunk positions and the order of chunks in shards")
+    dry_run: bool = option(False, "print what would be written, then stop")
+
+
+@dataclasses.dataclass
+class Layout:
+    """Chunk lengths in samples, derived from the options."""
+
+    training_length: int  # L: what one training example needs (model input + shift)
+    chunk_length: int  # nominal stored chunk length
+    stride: int
+    crops: int
+
+
+def layout_of(config: ShardConfig) -> Layout:
+    if config.segment <= 0 or config.shift < 0 or config.stride < 0 or config.crops < 0:
+        raise UserError("--segment must be > 0 and --shift, --stride, --crops >= 0")
+    # valid_length only reads depth, kernel_size, stride and context: the default ModelConfig has
+    # them, which spares building the 265M-parameter model.
+    model_input = Demucs.valid_length(ModelConfig(), int(round(config.segment * SAMPLERATE)))
+    training_length = model_input + int(round(config.shift * SAMPLERATE))
+    if config.chunking == "lean":
+        stride = int(round(config.stride * SAMPLERATE)) or training_length
+        crops = config.crops or max(1, round(stride / SAMPLERATE))
+        return Layout(training_length, stride + training_length, stride, crops)
+    stride = int(round((config.stride or 1.0) * SAMPLERATE)) if config.chunking == "paper" else 0
+    return Layout(training_length, training_length, stride, config.crops or 1)
+
+
+def plan_chunks(config: ShardConfig, layout: Layout, name: str, length: int) -> list[tuple[int, int]]:
+    """(start, end) sample ranges of the chunks of one training song of `length` samples."""
+    L = layout.training_length
+    if length < L:
+        return []
+    if config.chunking == "report":
+        count = max(1, round(config.chunks_per_minute * length / SAMPLERATE / 60))
+        rng = np.random.default_rng([config.seed, zlib.crc32(name.encode())])  # independent of other songs
+        return [(int(s), int(s) + L) for s in sorted(rng.integers(0, length - L + 1, count))]
+    # Every chunk holds at least one full example; lean chunks near the end are cut at the song's end.
+    starts = range(0, length - L + 1, layout.stride)
+    return [(start, min(length, start + layout.chunk_length)) for start in starts]
+
+
+def song_length(track) -> int:
+    """Samples of a song, without decoding it (for stems an estimate; shard tasks clamp to the truth)."""
+    if track.is_wav:
+        paths = [track.path] + [track.sources[name].path for name in SOURCES]
+        return min(soundfile.info(p).frames for p in paths)
+    return int(track.duration * SAMPLERATE)
+
+
+@dataclasses.dataclass
+class ShardTask:
+    """One shard to write: its relative name and what goes in it."""
+
+    name: str  # e.g. 'train/000003.tar'
+    items: list[tuple[str, int, int]]  # (song, start, end); valid: the whole song, end = -1
+    digest: str  # identifies the content (items and options): a shard from other options is never reused
+
+
+def pack(items: list[tuple[str, int, int]], sizes: list[int], target: int, split: str, salt: str) -> list[ShardTask]:
+    """Consecutive items into shards of at most `target` bytes (at least one item each).
+
+    `salt` names everything besides the items that changes a shard's bytes (source, dtype, ...)."""
+    groups: list[list[tuple[str, int, int]]] = []
+    total = 0
+    for item, size in zip(items, sizes):
+        if not groups or total + size > target:
+            groups.append([])
+            total = 0
+        groups[-1].append(item)
+        total += size
+    tasks = []
+    for number, group in enumerate(groups):
+        name = f"{split}/{number:06d}.tar"
+        digest = hashlib.sha256(json.dumps([salt, name, group]).encode()).hexdigest()[:16]
+        tasks.append(ShardTask(name, group, digest))
+    return tasks
+
+
+def make_plan(config: ShardConfig) -> tuple[dict, list[ShardTask], dict]:
+    """Everything to write: (manifest skeleton, shard tasks, tracks by name). Reads no audio."""
+    if not config.musdb:
+        raise UserError("--musdb is required: the MUSDB18 root folder")
+    layout = layout_of(config)
+    tracks = {t.name: t for t in open_tracks(config.musdb, config.is_wav, "train")}
+    names = list(tracks)
+    valid = choose_validation(names, config.musdb, config.valid_tracks, config.seed)
+    train = [n for n in names if n not in valid]
+    if not train:
+        raise UserError(f"all {len(names)} songs of {config.musdb}/train are validation songs: none left to train on")
+    lengths = {name: song_length(track) for name, track in tracks.items()}
+    itemsize = np.dtype(config.dtype).itemsize
+    stream_bytes = AUDIO_CHANNELS * itemsize  # per sample per stream
+
+    # Songs in a seeded order (MUSDB sorts by artist): a shard holds a few unrelated songs.
+    order = [train[i] for i in np.random.default_rng(config.seed).permutation(len(train))]
+    chunks, skipped = [], []
+    for name in order:
+        song_chunks = plan_chunks(config, layout, name, lengths[name])
+        skipped += [] if song_chunks else [name]
+        chunks += [(name, start, end) for start, end in song_chunks]
+    if not chunks:
+        raise UserError(
+            f"every training song is shorter than one chunk ({layout.training_length / SAMPLERATE:.2f} s): "
+            "use a shorter --segment or --shift"
+        )
+    target = int(config.shard_size * 1e6)
+    chunk_sizes = [len(SOURCES) * (end - start) * stream_bytes + MEMBER_OVERHEAD for _, start, end in chunks]
+    valid_items = [(name, 0, -1) for name in valid]
+    valid_sizes = [(1 + len(SOURCES)) * lengths[name] * stream_bytes + MEMBER_OVERHEAD for name in valid]
+    salt = json.dumps([os.path.abspath(config.musdb), config.is_wav, config.dtype, config.normalize, config.seed])
+    tasks = pack(chunks, chunk_sizes, target, "train", salt) + pack(valid_items, valid_sizes, target, "valid", salt)
+
+    raw_bytes = sum(len(SOURCES) * AUDIO_CHANNELS * 2 * lengths[n] for n in train)  # 16-bit stems
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "samplerate": SAMPLERATE,
+        "sources": list(SOURCES),
+        "audio_channels": AUDIO_CHANNELS,
+        "dtype": config.dtype,
+        "normalized": config.normalize,
+        "chunking": {
+            "mode": config.chunking,
+            "segment": config.segment,
+            "shift": config.shift,
+            "training_length": layout.training_length,
+            "chunk_length": layout.chunk_length,
+            "min_chunk_length": min(end - start for _, start, end in chunks),
+            "stride": layout.stride,
+            "crops": layout.crops,
+            "chunks_per_minute": config.chunks_per_minute if config.chunking == "report" else None,
+            "seed": config.seed,
+        },
+        "songs": {"train": sorted(set(train) - set(skipped)), "valid": valid, "skipped": skipped},
+        "raw_train_bytes": raw_bytes,
+        "planned_bytes": {"train": sum(chunk_sizes), "valid": sum(valid_sizes)},
+    }
+    return manifest, tasks, tracks
+
+
+def describe(manifest: dict, tasks: list[ShardTask]) -> str:
+    """What a run will write, in words: samples, bytes and amplification over the raw stems."""
+    chunking, planned = manifest["chunking"], manifest["planned_bytes"]
+    train_tasks = [t for t in tasks if t.name.startswith("train/")]
+    chunks = sum(len(t.items) for t in train_tasks)
+    raw = manifest["raw_train_bytes"]
+    sr = manifest["samplerate"]
+    how = {
+        "lean": f"{chunking['chunk_length'] / sr:.2f} s chunks every {chunking['stride'] / sr:.2f} s",
+        "paper": f"{chunking['chunk_length'] / sr:.2f} s chunks every {chunking['stride'] / sr:.2f} s",
+        "report": f"{chunking['chunks_per_minute']} random {chunking['chunk_length'] / sr:.2f} s chunks per minute",
+    }[chunking["mode"]]
+    lines = [
+        f"train: {len(manifest['songs']['train'])} songs -> {chunks} chunks ({chunking['mode']}: {how}), "
+        f"{chunking['crops']} crop(s) each = {chunks * chunking['crops']} examples per epoch",
+        f"       {planned['train'] / 1e9:.3f} GB ({manifest['dtype']}) = {planned['train'] / max(1, raw):.2f}x "
+        f"the raw 16-bit stems of the training songs ({raw / 1e9:.3f} GB)",
+        f"valid: {len(manifest['songs']['valid'])} whole songs (mixture + sources), {planned['valid'] / 1e9:.3f} GB",
+        f"shards: {len(train_tasks)} train + {len(tasks) - len(train_tasks)} valid",
+    ]
+    if manifest["songs"]["skipped"]:
+        lines.append(f"skipped (shorter than one chunk): {', '.join(manifest['songs']['skipped'])}")
+    return "\n".join(lines)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add a member with fixed metadata, so the same content gives the same tar bytes."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0o444, 0, 0, "", ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def song_statistics(mix: np.ndarray) -> tuple[float, float]:
+    """(mean, std) of a song's mono mixture, as `apply.normalize` computes them (unbiased std, a
+    silent song keeps std 1). numpy rather than torch: these run in forked workers, where torch's
+    thread pool inherited from a parent that used it can deadlock."""
+    ref = mix.mean(0, dtype=np.float64)
+    mean, std = float(ref.mean()), float(ref.std(ddof=1)) if ref.size > 1 else 0.0
+    return mean, std if std > SILENCE_STD else 1.0
+
+
+def finished(out: Path, task: ShardTask) -> dict | None:
+    """The sidecar of a complete shard written for this very task, else None."""
+    tar, sidecar = out / task.name, out / (task.name + ".json")
+    try:
+        info = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return None
+    if info.get("digest") != task.digest or not tar.is_file() or tar.stat().st_size != info.get("bytes"):
+        return None
+    return info
+
+
+# Set in the parent before the worker processes fork, so tracks are not pickled per task.
+_TRACKS: dict = {}
+
+
+def write_shard(task: ShardTask, config: ShardConfig, training_length: int) -> dict:
+    """Write one shard (unless already complete) and return its sidecar record."""
+    out = Path(config.out)
+    done = finished(out, task)
+    if done is not None:
+        return done
+    dtype = np.dtype(config.dtype)
+    stats: dict[str, dict] = {}
+    songs = {}
+    for name in dict.fromkeys(item[0] for item in task.items):
+        songs[name] = read_song(_TRACKS[name])
+        mean, std = song_statistics(songs[name].mix) if config.normalize else (0.0, 1.0)
+        stats[name] = {"mean": mean, "std": std, "length": songs[name].mix.shape[-1]}
+
+    def stored(audio: np.ndarray, name: str) -> bytes:
+        """z-scored with the song's statistics, in the stored dtype, as .npy bytes."""
+        return _npy(((audio - stats[name]["mean"]) / stats[name]["std"]).astype(dtype))
+
+    items = task.items
+    if task.name.startswith("train/"):  # a seeded order within the shard, so a shard is not one song in order
+        rng = np.random.default_rng([config.seed, zlib.crc32(task.name.encode())])
+        items = [items[i] for i in rng.permutation(len(items))]
+    samples, shortest = 0, None
+    with atomic_path(out / task.name) as tmp:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, start, end in items:
+                song, length = songs[name], stats[name]["length"]
+                song_key = f"{zlib.crc32(name.encode()):08x}"  # keys may not contain dots, names may
+                if end < 0:  # a whole validation song
+                    key = song_key
+                    meta = {"song": name, "offset": 0, **stats[name]}
+                    _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+                    _add(tar, f"{key}.mix.npy", stored(song.mix, name))
+                    _add(tar, f"{key}.sources.npy", stored(song.sources, name))
+                    samples += 1
+                    continue
+                # Stems decoded from AAC may be a little shorter than planned: keep a full example.
+                need = min(end - start, training_length)
+                end = min(end, length)
+                start = max(0, min(start, end - need))
+                if end - start < need:
+                    continue
+                key = f"{song_key}_{start:010d}"
+                meta = {"song": name, "offset": start, "mean": stats[name]["mean"], "std": stats[name]["std"]}
+                _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+                _add(tar, f"{key}.sources.npy", stored(song.sources[..., start:end], name))
+                samples += 1
+                shortest = min(shortest or end - start, end - start)
+    tar_path = out / task.name
+    record = {
+        "name": task.name,
+        "samples": samples,
+        "bytes": tar_path.stat().st_size,
+        "sha256": _sha256(tar_path),
+        "songs": list(stats),
+        "stats": stats,
+        "min_chunk_length": shortest,
+        "digest": task.digest,
+    }
+    with atomic_path(out / (task.name + ".json")) as tmp:
+        tmp.write_text(json.dumps(record, sort_keys=True, indent=1))
+    return record
+
+
+def remove_stale(out: Path, tasks: list[ShardTask]) -> None:
+    """Delete shard files of an earlier run that this plan does not write (only our own names)."""
+    keep = {t.name for t in tasks} | {t.name + ".json" for t in tasks}
+    for split in ("train", "valid"):
+        folder = out / split
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if SHARD_NAME.match(path.name) and f"{split}/{path.name}" not in keep:
+                    path.unlink()
+
+
+def write_shards(config: ShardConfig) -> dict | None:
+    """Plan, print the plan, write the shards (in parallel) and the manifest; returns the manifest
+    (None for a dry run)."""
+    manifest, tasks, tracks = make_plan(config)
+    print(describe(manifest, tasks), flush=True)
+    if config.dry_run:
+        return None
+    out = Path(config.out)
+    training_length = manifest["chunking"]["training_length"]
+    remove_stale(out, tasks)
+    global _TRACKS
+    _TRACKS = tracks
+    records: dict[str, dict] = {}
+    progress = tqdm(total=len(tasks), desc="shards", unit="shard")
+    if config.workers <= 1:
+        for task in tasks:
+            records[task.name] = write_shard(task, config, training_length)
+            progress.update()
+    else:
+        # fork: the workers inherit the musdb tracks instead of rerunning ffprobe on every file.
+        with ProcessPoolExecutor(config.workers, mp_context=get_context("fork")) as pool:
+            futures = {pool.submit(write_shard, task, config, training_length): task for task in tasks}
+            for future in as_completed(futures):
+                records[futures[future].name] = future.result()
+                progress.update()
+    progress.close()
+
+    stats: dict[str, dict] = {}
+    for record in records.values():
+        stats.update(record.pop("stats"))
+        record.pop("digest")
+    manifest["stats"] = {name: stats[name] for name in sorted(stats)}
+    manifest["train"] = [records[t.name] for t in tasks if t.name.startswith("train/")]
+    manifest["valid"] = [records[t.name] for t in tasks if t.name.startswith("valid/")]
+    lengths = [r.pop("min_chunk_length") for r in manifest["train"] if r["samples"]]
+    for record in manifest["valid"]:
+        record.pop("min_chunk_length")
+    if not lengths:
+        raise UserError("no training chunk was written: the songs are shorter than one chunk")
+    manifest["chunking"]["min_chunk_length"] = min(lengths)  # the loader checks crops fit in it
+    with atomic_path(out / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    total = sum(r["bytes"] for r in records.values())
+    print(f"wrote {len(tasks)} shards, {total / 1e9:.3f} GB, and {out / MANIFEST}")
+    return manifest
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    (config,) = parse(argv, "demucs-dist shard", __doc__, ShardConfig)
+    write_shards(config)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,33 @@
+"""Shared data fixtures: one small synthetic MUSDB dataset per test session (it takes ~2 s)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from demucs_dist.data.synth import synthesize
+
+# Small enough for fast tests, long enough for several chunks of a 0.5 s training segment.
+SYNTH_SONGS = dict(train=4, valid=2, test=1, seconds=5.0)
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """A MUSDB18-HQ (wav) layout: 4 train + 2 valid songs in train/, 1 song in test/, 5 s each."""
+    return synthesize(tmp_path_factory.mktemp("synth") / "musdb", fmt="wav", seed=0, **SYNTH_SONGS)
+
+
+# Shard options for tests: 0.5 s segments (+0.25 s shift) and ~2 chunks per shard, so the
+# 4 training songs give 8 shards: enough for 2 ranks x 2 workers.
+SHARD_ARGS = ["--segment", "0.5", "--shift", "0.25", "--shard-size", "3", "--workers", "1"]
+
+
+@pytest.fixture(scope="session")
+def synth_shards(synth_root, tmp_path_factory) -> Path:
+    """Shards of `synth_root` written with SHARD_ARGS (lean chunking, float16, z-scored)."""
+    from demucs_dist.data.shard import main
+
+    out = tmp_path_factory.mktemp("shards")
+    main(["--musdb", str(synth_root), "--is-wav", "--out", str(out), *SHARD_ARGS])
+    return out
