@@ -53,7 +53,7 @@ def add_options(parser: argparse.ArgumentParser, config_cls: type, title: str | 
         kwargs: dict[str, Any] = dict(dest=field.name, default=default, help=meta["help"] + " (default: %(default)s)")
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-            kwargs["help"] = meta["help"]
+            kwargs["help"] = meta["help"] + f" (default: {'on' if default else 'off'})"
         else:
             kwargs["type"] = kind
             kwargs["metavar"] = field.name.upper()
@@ -82,7 +82,8 @@ def parse(
         prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     for config_cls in config_classes:
-        add_options(parser, config_cls, (config_cls.__doc__ or config_cls.__name__).strip().split("\n")[0])
+        title = (config_cls.__doc__ or config_cls.__name__).strip().split("\n")[0].rstrip(".")
+        add_options(parser, config_cls, title)
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     return tuple(from_options(config_cls, args) for config_cls in config_classes)
 

@@ -1,0 +1,90 @@
+"""The trainer's per-step overhead against a bare PyTorch loop over the same model and batches.
+
+    .venv/bin/python bench/trainer_overhead.py              # channels 32, batch 4 x 2 s, 24 steps each
+
+Both read the same shards through the same loader (1 process, 1 worker) and do the same forward,
+L1 loss, backward and Adam step. The trainer adds what a real run needs: Accelerate, gradient-norm
+measurement, the loss all-reduce, TensorBoard scalars, the progress bar. Its step time is read
+back from its own TensorBoard log (train/examples_per_s); epoch-end work (validation, checkpoints)
+is not per-step and is reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from demucs_dist.config import ModelConfig
+from demucs_dist.data.augment import AugmentConfig
+from demucs_dist.data.loader import read_manifest, train_loader
+from demucs_dist.data.shard import main as shard_main
+from demucs_dist.data.synth import synthesize
+from demucs_dist.model import Demucs, center_trim
+from demucs_dist.train import TrainConfig, train
+
+
+def bare_loop(model_cfg: ModelConfig, shards: str, batch: int, steps: int, segment_s: float) -> list[float]:
+    torch.manual_seed(0)
+    model = Demucs(**vars(model_cfg))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
+    manifest = read_manifest(shards)
+    segment = model.valid_length(int(segment_s * model.samplerate))
+    batches = train_loader(shards, manifest, segment=segment, batch_size=batch, batches=steps, epoch=0, seed=0,
+                           rank=0, world_size=1, workers=1, augment=AugmentConfig())  # fmt: skip
+    times, start = [], time.perf_counter()
+    for mix, sources in batches:
+        estimates = model(mix)
+        loss = F.l1_loss(estimates, center_trim(sources, estimates))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        now = time.perf_counter()
+        times.append(now - start)
+        start = now
+    return times
+
+
+def trainer_steps(model_cfg: ModelConfig, shards: str, batch: int, steps: int, segment_s: float, logdir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = TrainConfig(shards=shards, logdir=str(logdir), epochs=1, repeat=1, epoch_size=steps * batch,
+                      global_batch=batch, max_device_batch=batch, segment=segment_s, workers=1, seed=0,
+                      log_audio=False, mixed_precision="no")  # fmt: skip
+    start = time.perf_counter()
+    train(model_cfg, cfg, AugmentConfig())
+    total = time.perf_counter() - start
+    events = EventAccumulator(str(logdir)).Reload()
+    per_step = [batch / e.value for e in events.Scalars("train/examples_per_s")]
+    return per_step, total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--channels", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--segment", type=float, default=2.0)
+    parser.add_argument("--steps", type=int, default=24)
+    args = parser.parse_args()
+    model_cfg = ModelConfig(channels=args.channels)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = synthesize(Path(tmp) / "musdb", train=4, valid=1, test=0, seconds=20.0, seed=0)
+        shards = str(Path(tmp) / "shards")
+        shard_main(["--musdb", str(root), "--is-wav", "--out", shards, "--segment", str(args.segment),
+                    "--workers", "1"])  # fmt: skip
+        trainer, total = trainer_steps(model_cfg, shards, args.batch, args.steps, args.segment, Path(tmp) / "run")
+        bare = bare_loop(model_cfg, shards, args.batch, args.steps, args.segment)
+    # The first steps include allocator warm-up in both: compare medians of the rest.
+    t, b = statistics.median(trainer[2:]), statistics.median(bare[2:])
+    print(f"model channels={args.channels}, batch {args.batch} x {args.segment:g} s, {args.steps} steps, 1 process")
+    print(f"bare loop: {b:.3f} s/step (median)   trainer: {t:.3f} s/step (median)   overhead {100 * (t / b - 1):+.1f}%")
+    print(f"trainer total incl. start-up, validation, checkpoint and exports: {total:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

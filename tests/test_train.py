@@ -1,0 +1,121 @@
+"""The trainer in real processes: `accelerate launch` with 2 CPU processes (gloo DDP)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from demucs_dist.data.loader import examples_per_epoch, read_manifest
+from demucs_dist.modelfile import load_model
+
+PROBE = Path(__file__).with_name("train_probe.py")
+TINY = ["--channels", "4", "--depth", "3", "--lstm-layers", "1", "--segment", "0.5", "--shift", "0.25"]
+# global batch 8 over 2 processes holding at most 2 each: gradient accumulation 2
+BATCHING = ["--global-batch", "8", "--max-device-batch", "2", "--workers", "1", "--timeout", "60"]
+SCALARS = [
+    "train/loss",
+    "train/lr",
+    "train/grad_norm",
+    "train/examples_per_s",
+    "train/data_wait_fraction",
+    "valid/loss",
+    "valid/best",
+]
+
+
+def launch(args: list[str], processes: int = 2, cpu_flag: bool = False, expect: int | None = None, timeout=240):
+    """accelerate launch with `processes` CPU processes; returns the CompletedProcess."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", DEMUCS_DIST_NPROC=str(expect or processes))
+    accelerate = Path(sys.executable).with_name("accelerate")
+    mode = ["--cpu"] if cpu_flag else ["--multi_gpu"]
+    port = str(29500 + os.getpid() % 1000)
+    command = [str(accelerate), "launch", *mode, "--num_processes", str(processes), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port, *args]  # fmt: skip
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_probe(out: Path, shards: Path, logdir: Path, *extra: str):
+    out.mkdir(parents=True, exist_ok=True)
+    result = launch([str(PROBE), str(out), "--shards", str(shards), "--logdir", str(logdir), *TINY, *BATCHING, *extra])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result, [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def two_epochs(synth_shards, tmp_path_factory):
+    """One uninterrupted 2-epoch run on 2 processes."""
+    work = tmp_path_factory.mktemp("train")
+    result, ranks = run_probe(work / "probe", synth_shards, work / "run", "--epochs", "2")
+    return work, result, ranks
+
+
+def test_two_processes_finish_two_epochs_with_identical_weights(two_epochs):
+    _, result, (rank0, rank1) = two_epochs
+    assert rank0["epoch"] == rank1["epoch"] == 2
+    for name, tensor in rank0["state"].items():
+        assert torch.equal(tensor, rank1["state"][name]), name
+    assert "epoch 2/2" in result.stdout
+
+
+def test_accumulation_and_optimizer_step_count(two_epochs, synth_shards):
+    work, result, (rank0, _) = two_epochs
+    assert "2 per device x 2 x 2 accumulation" in result.stdout
+    expected_steps = 2 * (
+        examples_per_epoch(read_manifest(str(synth_shards))) * 2 // 8
+    )  # epochs x (examples x repeat // batch)
+    assert rank0["step"] == expected_steps
+    # Adam's own count of the updates it applied, from the last checkpoint.
+    optimizer = torch.load(work / "run" / "checkpoints" / f"step-{expected_steps:08d}" / "optimizer.bin")
+    assert {int(s["step"]) for s in optimizer["state"].values()} == {expected_steps}
+
+
+def test_tensorboard_has_the_scalars_audio_and_config(two_epochs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    work, _, _ = two_epochs
+    events = EventAccumulator(str(work / "run"), size_guidance={"audio": 0, "images": 0, "tensors": 0}).Reload()
+    tags = events.Tags()
+    assert set(SCALARS) <= set(tags["scalars"])
+    assert len(events.Scalars("valid/loss")) == 2
+    assert "separation/mixture" in tags["audio"] and "separation/vocals_estimate" in tags["audio"]
+    assert "separation/spectrograms" in tags["images"]
+    assert any("config" in t for t in tags["tensors"])
+
+
+def test_model_files_are_exported(two_epochs):
+    work, _, (rank0, _) = two_epochs
+    last = load_model(work / "run" / "last.th")
+    for name, tensor in last.state_dict().items():
+        assert torch.equal(tensor, rank0["state"][name]), name
+    assert load_model(work / "run" / "best.th").kwargs["channels"] == 4
+
+
+def test_resume_after_epoch_one_ends_with_the_same_weights(two_epochs, synth_shards, tmp_path):
+    """Stop after epoch 1 (a run of --epochs 1), relaunch with --epochs 2: it resumes at epoch 2 and
+    ends bit-identical to the uninterrupted run (CPU ops and the 2-rank gloo all-reduce are deterministic)."""
+    _, _, (uninterrupted, _) = two_epochs
+    run = tmp_path / "run"
+    first, _ = run_probe(tmp_path / "a", synth_shards, run, "--epochs", "1")
+    assert "epoch 1/1" in first.stdout
+    second, (rank0, _) = run_probe(tmp_path / "b", synth_shards, run, "--epochs", "2")
+    assert "resuming from" in second.stdout and "epoch 1/2" not in second.stdout and "epoch 2/2" in second.stdout
+    assert rank0["step"] == uninterrupted["step"]
+    for name, tensor in uninterrupted["state"].items():
+        assert torch.equal(tensor, rank0["state"][name]), name
+    # TensorBoard shows each step once across the two launches.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = [e.step for e in EventAccumulator(str(run)).Reload().Scalars("train/loss")]
+    assert steps == list(range(1, rank0["step"] + 1))
+
+
+def test_world_size_mismatch_fails_loudly(tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process: the trainer says so and stops."""
+    result = launch(["-m", "demucs_dist.train", "--shards", str(tmp_path), "--logdir", str(tmp_path)], cpu_flag=True)
+    assert result.returncode != 0
+    assert "launched as 2 processes but running as 1" in result.stderr
