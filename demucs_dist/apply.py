@@ -8,6 +8,7 @@ Shapes: a song is (channels, samples); separated sources are (sources, channels,
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,11 @@ def normalize(mix: torch.Tensor) -> tuple[torch.Tensor, float, float]:
     if not std > SILENCE_STD:  # also catches NaN
         std = 1.0
     return (mix - mean) / std, mean, std
+
+
+def song_seed(seed: int, name: str) -> int:
+    """The shift-trick seed of one song: the same on any rank and in any run (crc32, not hash())."""
+    return seed + zlib.crc32(name.encode("utf-8"))
 
 
 def shift_offsets(shifts: int, max_shift: int, seed: int) -> list[int]:

@@ -65,3 +65,29 @@ def write_wav(path: str | os.PathLike, audio: np.ndarray, samplerate: int, subty
     audio = np.asarray(audio, dtype=np.float32)
     with atomic_path(path) as tmp:
         soundfile.write(tmp, audio.T, samplerate, subtype=subtype, format="WAV")
+
+
+def resample(audio: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
+    """Resample float32 (channels, samples) audio with ffmpeg's resampler (the one `read_audio` uses).
+
+    The length becomes about samples * target_rate / source_rate; callers that need an exact
+    length trim or pad (see `fit_length`).
+    """
+    if source_rate == target_rate:
+        return audio
+    require_ffmpeg()
+    channels = audio.shape[0]
+    command = ["ffmpeg", "-v", "error", "-nostdin", "-f", "f32le", "-ac", str(channels), "-ar", str(source_rate),
+               "-i", "-", "-f", "f32le", "-ar", str(target_rate), "-"]  # fmt: skip
+    raw = np.ascontiguousarray(np.asarray(audio, dtype=np.float32).T).tobytes()
+    result = subprocess.run(command, input=raw, capture_output=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"ffmpeg could not resample: {result.stderr.decode(errors='replace').strip()[-300:]}")
+    return np.ascontiguousarray(np.frombuffer(result.stdout, dtype=np.float32).reshape(-1, channels).T)
+
+
+def fit_length(audio: np.ndarray, length: int) -> np.ndarray:
+    """Trim or zero-pad the last axis of `audio` to exactly `length` samples."""
+    if audio.shape[-1] >= length:
+        return audio[..., :length]
+    return np.pad(audio, [(0, 0)] * (audio.ndim - 1) + [(0, length - audio.shape[-1])])

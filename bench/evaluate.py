@@ -1,0 +1,172 @@
+"""Evaluation speed: inference with 1 and 10 shifts, museval, and whole `evaluate` runs.
+
+    .venv/bin/python bench/evaluate.py                  # channels=64 model, ~5 minutes on 2 cores
+    .venv/bin/python bench/evaluate.py --channels 16 --seconds 10 --e2e-seconds 10
+
+Prints a markdown report: seconds per minute of audio for shift-trick inference (the model of
+`--channels`, chunked as `evaluate` runs it) and for museval (one process, one BLAS thread, as a
+pool worker runs it; at two song lengths, since museval has a fixed cost per song), the peak
+memory of museval, and the wall time of `demucs-dist evaluate` on synthetic songs with 1 process
+and 1 or 2 museval workers and with 2 processes. Then it projects MUSDB18's 50 test songs on an
+8-GPU node from those numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from demucs_dist.apply import apply_model, normalize
+from demucs_dist.data.synth import synthesize
+from demucs_dist.model import Demucs
+from demucs_dist.modelfile import save_model
+
+REPO = Path(__file__).resolve().parents[1]
+MUSDB_TEST_SECONDS = 50 * 4.0 * 60  # MUSDB18: 150 songs, ~10 h -> ~4 min per song, ~3.3 h for the test set
+FORWARD_GFLOP_PER_10S = 118  # SPEC.md, channels=64
+
+MUSEVAL_SCRIPT = """
+import resource, sys, time
+import numpy as np
+from demucs_dist.data.songs import open_tracks, read_song
+from demucs_dist.scoring import score_song
+song = read_song([t for t in open_tracks(sys.argv[1], True, "test") if t.name == sys.argv[2]][0])
+noise = np.random.default_rng(0).standard_normal(song.sources.shape).astype(np.float32)
+estimates = song.sources + 0.1 * song.sources.std() * noise
+start = time.perf_counter()
+score_song(song.name, song.sources, estimates, song.samplerate)
+print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def time_inference(channels: int, seconds: float, shifts: int) -> float:
+    """Seconds of shift-trick inference for `seconds` of audio (random input: speed only)."""
+    torch.manual_seed(0)
+    model = Demucs(channels=channels).eval()
+    mix, _, _ = normalize(torch.randn(2, int(seconds * 44100)))
+    apply_model(model, mix[:, : 44100 * 2], split=True)  # warm-up
+    start = time.perf_counter()
+    apply_model(model, mix, shifts=shifts, split=True, segment=10.0, overlap=0.25, batch_size=4)
+    return time.perf_counter() - start
+
+
+def time_museval(root: Path, song: str) -> tuple[float, float]:
+    """(seconds, peak MB) of museval on one song, in a fresh one-thread process like a pool worker."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", MUSEVAL_SCRIPT, str(root), song], env=env, capture_output=True, text=True, check=True
+    )
+    seconds, megabytes = result.stdout.split()
+    return float(seconds), float(megabytes)
+
+
+def time_evaluate(model: Path, root: Path, out: Path, processes: int, workers: int) -> float:
+    """Wall seconds of a whole `demucs-dist evaluate` run (process start to results.json)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "NPROC": str(processes)}
+    command = [sys.executable, "-m", "demucs_dist.evaluate"] if processes == 1 else ["bash", "launch/evaluate.sh"]
+    command += ["--model", str(model), "--musdb", str(root), "--is-wav", "--out", str(out)]
+    command += ["--shifts", "1", "--workers", str(workers), "--no-progress"]
+    start = time.perf_counter()
+    subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True)
+    wall = time.perf_counter() - start
+    assert json.loads((out / "results.json").read_text())["this_run"]["scored"] > 0
+    return wall
+
+
+class Report(list):
+    """Lines of the markdown report, printed as they come (a run takes minutes)."""
+
+    def append(self, line: str) -> None:
+        super().append(line)
+        print(line, flush=True)
+
+    def __iadd__(self, lines):
+        for line in lines:
+            self.append(line)
+        return self
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--channels", type=int, default=64, help="model width for the inference timing")
+    parser.add_argument("--seconds", type=float, default=20.0, help="audio length for the inference timing")
+    parser.add_argument("--museval-seconds", type=float, nargs=2, default=[15.0, 60.0], help="two song lengths")
+    parser.add_argument("--e2e-songs", type=int, default=4, help="synthetic songs for the whole-run timings")
+    parser.add_argument("--e2e-seconds", type=float, default=20.0, help="their length")
+    parser.add_argument("--e2e-channels", type=int, default=16, help="model width for the whole-run timings")
+    args = parser.parse_args()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    lines = Report()
+    lines.append(
+        f"Machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, fp32."
+    )
+
+    per_minute = {}
+    for shifts in (1, 10):
+        seconds = time_inference(args.channels, args.seconds, shifts)
+        per_minute[shifts] = seconds / args.seconds * 60
+        lines.append(
+            f"- inference, channels={args.channels}, {shifts} shift(s), 10 s chunks with 25% overlap: "
+            f"{seconds:.1f} s for {args.seconds:.0f} s of audio = **{per_minute[shifts]:.0f} s per minute of audio**"
+        )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        museval_points = []
+        for length in args.museval_seconds:
+            root = synthesize(tmp / f"museval{length:.0f}", train=0, valid=0, test=1, seconds=length)
+            seconds, megabytes = time_museval(root, "Synth Test 000")
+            museval_points.append((length, seconds, megabytes))
+            lines.append(
+                f"- museval, one {length:.0f} s song, 1 thread: {seconds:.1f} s "
+                f"(= {seconds / length * 60:.0f} s per minute of audio), peak memory {megabytes / 1024:.2f} GB"
+            )
+        (l1, s1, m1), (l2, s2, m2) = museval_points
+        slope, fixed = (s2 - s1) / (l2 - l1), s1 - (s2 - s1) / (l2 - l1) * l1
+        mem_slope, mem_fixed = (m2 - m1) / (l2 - l1), m1 - (m2 - m1) / (l2 - l1) * l1
+        lines.append(
+            f"- museval fit: {fixed:.1f} s per song + {slope:.2f} s per second of audio "
+            f"(**{slope * 60:.0f} s per minute**); memory {mem_fixed / 1024:.2f} GB + {mem_slope:.0f} MB per second"
+        )
+
+        root = synthesize(tmp / "e2e", train=0, valid=0, test=args.e2e_songs, seconds=args.e2e_seconds)
+        torch.manual_seed(0)
+        model = tmp / "model.th"
+        save_model(Demucs(channels=args.e2e_channels), model)
+        audio = args.e2e_songs * args.e2e_seconds
+        lines.append(
+            f"- `evaluate`, {args.e2e_songs} synthetic songs x {args.e2e_seconds:.0f} s, "
+            f"channels={args.e2e_channels}, 1 shift (museval-bound), wall time from launch to results.json:"
+        )
+        for processes, workers in [(1, 1), (1, 2), (2, 1)]:
+            wall = time_evaluate(model, root, tmp / f"out{processes}{workers}", processes, workers)
+            lines.append(
+                f"  - {processes} process(es) x {workers} museval worker(s): {wall:.1f} s "
+                f"({wall / audio * 60:.0f} s per minute of audio)"
+            )
+
+    museval_cpu = 50 * fixed + slope * MUSDB_TEST_SECONDS
+    lines += [
+        "",
+        f"Projection, MUSDB18 test set (50 songs, ~{MUSDB_TEST_SECONDS / 3600:.1f} h of audio), 8-GPU node:",
+        f"- museval: {museval_cpu / 3600:.1f} CPU-hours in all. With 8 ranks x (cores/8 - 1) workers: "
+        f"{museval_cpu / (8 * 7) / 60:.0f} min on 64 cores, {museval_cpu / (8 * 15) / 60:.0f} min on 128 cores "
+        f"(memory: ~{(mem_fixed + mem_slope * 240) / 1024:.1f} GB per worker for a 4-minute song).",
+        f"- inference, 10 shifts: {per_minute[10] * MUSDB_TEST_SECONDS / 60 / 3600:.1f} h on this CPU in one "
+        f"process. On GPUs, by FLOPs: {FORWARD_GFLOP_PER_10S} GFLOP per 10 s forward x 6 x 10 shifts x 4/3 "
+        f"(overlap) = {FORWARD_GFLOP_PER_10S * 6 * 10 * 4 / 3 / 1000:.1f} TFLOP per minute of audio; "
+        f"{MUSDB_TEST_SECONDS / 60:.0f} minutes over 8 GPUs at an effective 20 TFLOP/s is "
+        f"{FORWARD_GFLOP_PER_10S * 6 * 10 * 4 / 3 * MUSDB_TEST_SECONDS / 60 / 8 / 20000 / 60:.1f} min per GPU.",
+    ]
+
+
+if __name__ == "__main__":
+    main()

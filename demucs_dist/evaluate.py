@@ -1,0 +1,387 @@
+"""`demucs-dist evaluate`: score a model on MUSDB18 songs with the shift trick and museval, on every
+device at once.
+
+    accelerate launch -m demucs_dist.evaluate --model runs/x/best.th --musdb DIR --out eval/x
+    launch/evaluate.sh --model runs/x/best.th --musdb DIR --out eval/x
+
+The songs (the test subset by default) are split across the ranks balanced by duration. Each rank
+reads a song, runs shift-trick inference on its device in bounded memory (chunked) and hands the
+estimates to its own pool of museval worker processes, then goes on with the next song while the
+pool scores. Once the last song is scored, rank 0 gathers every song's scores from the output
+folder, aggregates them and prints the table.
+
+Output folder (the same on every node: `--out` must be shared on a multi-node run):
+    <out>/<subset>/<song>.json   museval's json for each song (+ its test loss under "demucs_dist");
+                                 written once museval is done: a rerun skips these songs
+    <out>/results.json           the aggregate, per-song medians and losses, and what this run did
+    <out>/results.md             the table (also printed)
+    <out>/run.json               model hash and settings: a rerun with other ones is refused
+    <out>/events.log             one line per song inferred and per song scored, by any run
+    <out>/estimates/<subset>/<song>/<source>.wav   with --save-estimates (museval's layout)
+
+`--baseline mixture` scores the mixture as every source's estimate (no model): what museval gives
+for no separation at all. `--compare OTHER/results.json` adds another run's SDR as a row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import SOURCES
+from .apply import apply_model, normalize, song_seed
+from .audio import write_wav
+from .config import ApplyConfig, option, parse
+from .errors import UserError, run_main
+from .files import atomic_path
+from .scoring import (
+    ScoringPool,
+    aggregate,
+    default_workers,
+    format_table,
+    load_results,
+    log_event,
+    read_song_json,
+    song_json_path,
+)
+
+BASELINES = ("mixture",)
+
+
+@dataclasses.dataclass
+class EvaluateConfig:
+    """What to evaluate and where the scores go."""
+
+    model: str = option("", "model file written by demucs-dist train (e.g. runs/NAME/best.th)")
+    baseline: str = option(
+        "", "score a baseline instead of a model: the mixture as every source's estimate", choices=BASELINES
+    )
+    musdb: str = option("", "MUSDB18 root folder (with train/ and test/)")
+    is_wav: bool = option(False, "MUSDB18-HQ wav layout (<song>/mixture.wav...) instead of .stem.mp4 files")
+    subset: str = option("test", "which MUSDB18 subset to score", choices=("test", "train"))
+    songs: list[str] = option([], "only these songs (folder names; or one file listing a name per line)")
+    out: str = option("", "output folder: per-song museval json, results.json, results.md")
+    label: str = option("", "name of this run in tables (default: the model file's name or the baseline)")
+    loss: str = option("l1", "test loss against the normalised sources", choices=("l1", "mse"))
+    seed: int = option(0, "seed of the shift offsets; each song adds a hash of its name, whatever its rank")
+    workers: int = option(0, "museval worker processes per rank (0 = the rank's cores minus one, ~4 GB each)")
+    save_estimates: bool = option(False, "also write the separated stems as wav under <out>/estimates/")
+    logdir: str = option("", "also write the scores to TensorBoard in this folder")
+    compare: list[str] = option([], "results.json of other runs (e.g. a --baseline run) to add as SDR rows")
+    timeout: float = option(7200.0, "seconds a rank waits for the others at a synchronisation point")
+    progress: bool = option(True, "progress bars (one per rank for inference and one for scoring)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks made before any rank starts working
+
+
+def select_tracks(config: EvaluateConfig) -> list:
+    """The musdb tracks to score, by name; UserError for unknown names or an empty selection."""
+    from .data.songs import open_tracks
+
+    if not config.musdb:
+        raise UserError("--musdb is required: the MUSDB18 root folder")
+    tracks = open_tracks(config.musdb, config.is_wav, config.subset)
+    wanted = list(config.songs)
+    if len(wanted) == 1 and os.path.isfile(wanted[0]):
+        wanted = [line.strip() for line in Path(wanted[0]).read_text().splitlines() if line.strip()]
+    if not wanted:
+        return tracks
+    names = {t.name for t in tracks}
+    unknown = [w for w in wanted if w not in names]
+    if unknown:
+        raise UserError(f"songs not found in {config.musdb}/{config.subset}: {', '.join(unknown)}")
+    return [t for t in tracks if t.name in wanted]
+
+
+def check_config(config: EvaluateConfig) -> None:
+    if bool(config.model) == bool(config.baseline):
+        raise UserError("give either --model FILE or --baseline mixture")
+    if config.baseline and config.baseline not in BASELINES:
+        raise UserError(f"unknown --baseline {config.baseline!r}; choose from {', '.join(BASELINES)}")
+    if config.model and not os.path.isfile(config.model):
+        raise UserError(f"model file not found: {config.model}")
+    if not config.out:
+        raise UserError("--out is required: the folder the scores go to")
+    for path in config.compare:
+        if not os.path.isfile(path):
+            raise UserError(f"--compare: no results file {path}")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_identity(config: EvaluateConfig, apply_config: ApplyConfig) -> dict:
+    """What the scores in `--out` depend on. A rerun must match it, or it would mix two runs."""
+    identity = {"model_sha256": file_sha256(config.model)} if config.model else {"baseline": config.baseline}
+    if config.model:
+        identity.update(
+            shifts=apply_config.shifts,
+            split=apply_config.split,
+            segment=apply_config.segment,
+            overlap=apply_config.overlap,
+            seed=config.seed,
+        )
+    identity.update(subset=config.subset, loss=config.loss)
+    return identity
+
+
+def check_run_file(out: Path, identity: Mapping) -> None:
+    """Refuse to add scores of another model or other settings to an existing output folder."""
+    path = out / "run.json"
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        changed = [f"{k}: {previous.get(k)} -> {v}" for k, v in identity.items() if previous.get(k) != v]
+        if changed:
+            raise UserError(
+                f"{out} holds scores made with other settings ({'; '.join(changed)}); "
+                "use another --out, or delete it to start over"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# One song
+
+
+def infer_song(
+    model: torch.nn.Module | None,
+    song,
+    apply_config: ApplyConfig,
+    seed: int,
+    loss_kind: str,
+    device: torch.device,
+) -> tuple[np.ndarray, float]:
+    """Separate one Song on `device`: returns (estimates (sources, channels, samples), test loss).
+
+    The loss compares normalised estimates with the sources normalised by the mixture's
+    statistics (what training minimises); the estimates are returned denormalised for museval.
+    model=None is the mixture baseline: the mixture is every source's estimate.
+    """
+    mix = torch.from_numpy(song.mix).to(device)
+    normalized, mean, std = normalize(mix)
+    if model is None:
+        estimated = normalized.expand(len(SOURCES), -1, -1)
+    else:
+        estimated = apply_model(model, normalized, seed=seed, **dataclasses.asdict(apply_config))
+    targets = (torch.from_numpy(song.sources).to(device) - mean) / std
+    error = estimated - targets
+    loss = error.abs().mean() if loss_kind == "l1" else error.square().mean()
+    return (estimated * std + mean).cpu().numpy(), loss.item()
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def evaluate(config: EvaluateConfig, apply_config: ApplyConfig) -> dict | None:
+    """Run the whole evaluation on this rank; rank 0 returns the results (others None).
+
+    The museval workers start the way multiprocessing's forkserver does: they re-run the main
+    module, so a script that calls this must do so under `if __name__ == "__main__":`.
+    """
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    from .data.songs import read_song
+    from .distributed import balance, cpus_per_process, make_accelerator, processes_on_this_node
+    from .modelfile import load_model, read_model_file
+
+    started = time.time()
+    check_config(config)
+    tracks = {t.name: t for t in select_tracks(config)}
+    out = Path(config.out)
+    identity = run_identity(config, apply_config)
+    check_run_file(out, identity)
+
+    accelerator = make_accelerator(mixed_precision="no", timeout_s=config.timeout)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "run.json") as tmp:
+            tmp.write_text(json.dumps(identity, indent=2))
+        shutil.rmtree(out / ".scratch", ignore_errors=True)  # arrays left by a killed run
+        done = [n for n in tracks if song_json_path(out, config.subset, n).is_file()]
+    else:
+        done = None
+    # Every rank must split the same remaining songs: rank 0 looks, before anyone scores one.
+    done = set(broadcast_object_list([done])[0])
+    remaining = {n: float(tracks[n].duration or 0.0) for n in tracks if n not in done}
+    mine = balance(remaining, world)[rank]
+
+    node_processes = processes_on_this_node(accelerator)
+    workers = config.workers or default_workers(node_processes)
+    device = accelerator.device
+    if device.type == "cpu":  # leave the pool its cores
+        torch.set_num_threads(max(1, cpus_per_process(node_processes) - workers))
+    model = None
+    if config.model:
+        model = load_model(config.model).to(device)
+    label = config.label or (Path(config.model).stem if config.model else f"{config.baseline} baseline")
+
+    inferred, failures = [], {}
+    bar = tqdm(mine, desc=f"rank {rank} inference", unit="song", position=rank, disable=not config.progress)
+    threads = max(1, cpus_per_process(node_processes) // workers)
+    pool = ScoringPool(
+        workers, out / ".scratch", threads, config.progress, position=world + rank, desc=f"rank {rank} scoring"
+    )
+    with pool:
+        for name in bar:
+            json_path = song_json_path(out, config.subset, name)
+            if json_path.is_file():  # scored meanwhile by another run on the same folder
+                continue
+            try:
+                song = read_song(tracks[name])
+            except UserError as exc:  # one unreadable song must not stall the other ranks
+                failures[name] = str(exc)
+                continue
+            seed = song_seed(config.seed, name)
+            tic = time.perf_counter()
+            estimates, loss = infer_song(model, song, apply_config, seed, config.loss, device)
+            log_event(out, "inferred", name)
+            inferred.append(name)
+            if config.save_estimates:
+                for source, stem in zip(SOURCES, estimates):
+                    write_wav(
+                        out / "estimates" / config.subset / name / f"{source}.wav", stem, song.samplerate, "FLOAT"
+                    )
+            extra = {
+                "loss": loss,
+                "loss_kind": config.loss,
+                "seconds": song.seconds,
+                "inference_seconds": round(time.perf_counter() - tic, 3),
+                "label": label,
+                "shift_seed": seed,
+            }
+            pool.submit(name, song.sources, estimates, json_path, out, song.samplerate, extra)
+            del song, estimates
+    failures.update(pool.failures)
+    bar.close()
+
+    # The gather: every rank reports what it did (this also waits for the slowest rank), then
+    # rank 0 reads every song's json from the shared folder.
+    reports = gather_object([{"rank": rank, "inferred": inferred, "scored": pool.scored, "failures": failures}])
+    all_failures = {name: why for report in reports for name, why in report["failures"].items()}
+    if all_failures:
+        listing = "; ".join(f"{name}: {why}" for name, why in sorted(all_failures.items()))
+        raise UserError(f"{len(all_failures)} songs could not be scored (rerun to retry them): {listing}")
+    results = None
+    if accelerator.is_main_process:
+        results = gather_results(config, apply_config, tracks, label, reports, time.time() - started)
+        shutil.rmtree(out / ".scratch", ignore_errors=True)
+        if config.logdir:
+            info = read_model_file(config.model)["info"] if config.model else {}
+            write_tensorboard(config.logdir, results, step=int(info.get("epoch", 0) or 0))
+    accelerator.end_training()
+    return results
+
+
+def gather_results(
+    config: EvaluateConfig,
+    apply_config: ApplyConfig,
+    tracks: Mapping,
+    label: str,
+    reports: Sequence[Mapping],
+    seconds: float,
+) -> dict:
+    """Rank 0: read every song's json, aggregate, write results.json and results.md, print."""
+    out = Path(config.out)
+    paths = {name: song_json_path(out, config.subset, name) for name in tracks}
+    missing = [name for name, path in paths.items() if not path.is_file()]
+    if missing:
+        raise UserError(
+            f"{len(missing)} songs have no scores in {out}/{config.subset} ({', '.join(missing[:3])}...): "
+            "on several machines, --out must be a folder they all share"
+        )
+    results = {
+        "label": label,
+        "model": os.path.abspath(config.model) if config.model else None,
+        "baseline": config.baseline or None,
+        "musdb": os.path.abspath(config.musdb),
+        "subset": config.subset,
+        "loss_kind": config.loss,
+        "shifts": apply_config.shifts if config.model else 0,
+        "seed": config.seed,
+        **aggregate({name: read_song_json(path) for name, path in paths.items()}),
+        "this_run": {
+            "processes": len(reports),
+            "inferred": sum(len(r["inferred"]) for r in reports),
+            "scored": sum(len(r["scored"]) for r in reports),
+            "skipped": len(tracks) - sum(len(r["inferred"]) for r in reports),
+            "seconds": round(seconds, 1),
+        },
+    }
+    compare = {}
+    for path in config.compare:
+        other = load_results(path)
+        compare[other.get("label", path)] = other
+    table = format_table(results, compare)
+    with atomic_path(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=2))
+    with atomic_path(out / "results.md") as tmp:
+        tmp.write_text(table + "\n")
+    run = results["this_run"]
+    print(
+        f"\n{table}\n\n{len(tracks)} songs: inferred {run['inferred']} and scored {run['scored']} in this run "
+        f"({run['skipped']} already scored), {run['processes']} processes, {run['seconds']:.0f} s. "
+        f"Scores in {out}/{config.subset}/, table in {out}/results.md"
+    )
+    return results
+
+
+def write_tensorboard(logdir: str, results: Mapping, step: int) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(logdir)
+    for column, metrics in results["scores"].items():
+        for metric, value in metrics.items():
+            writer.add_scalar(f"evaluate/{metric}/{column}", value, step)
+    writer.add_scalar(f"evaluate/{results['loss_kind']}_loss", results["loss"], step)
+    writer.add_text("evaluate/table", format_table(results), step)
+    writer.close()
+
+
+def baseline_scores(
+    musdb: str | os.PathLike, out: str | os.PathLike, is_wav: bool = False, subset: str = "test", **options
+) -> dict | None:
+    """Score the mixture as every source's estimate: what museval gives for no separation at all.
+
+    Runs like `demucs-dist evaluate --baseline mixture` (on every rank when launched distributed;
+    rank 0 returns the results). `options`: other EvaluateConfig fields (songs, workers...).
+    As with `evaluate`, call it under `if __name__ == "__main__":` in a script.
+    """
+    config = EvaluateConfig(
+        baseline="mixture", musdb=str(musdb), out=str(out), is_wav=is_wav, subset=subset, progress=False, **options
+    )
+    return evaluate(config, ApplyConfig())
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config, apply_config = parse(
+        argv,
+        "demucs-dist evaluate",
+        __doc__,
+        EvaluateConfig,
+        ApplyConfig,
+        epilog="Run it under `accelerate launch -m demucs_dist.evaluate` (or launch/evaluate.sh) to use every GPU.",
+    )
+    evaluate(config, apply_config)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

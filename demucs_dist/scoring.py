@@ -1,0 +1,336 @@
+"""museval in one place: scoring songs in a pool of worker processes, the per-song json store, the
+aggregation into the SiSEC 2018 numbers, and the tables.
+
+A song's scores are one file, `<out>/<subset>/<song>.json`, in museval's own format (what
+`museval.TrackStore` writes and `EvalStore.add_eval_dir(out)` reads), with one extra key,
+`"demucs_dist"`, holding the song's test loss and how it was made. The file is written
+atomically once museval is done, so it marks the song as finished: a rerun skips it, and a killed
+run loses only the songs still being scored.
+
+museval (bss_eval v4) takes ~0.7 s per second of audio in one process and ~20 MB of memory per
+second of audio on top of ~0.6 GB. The pool lets the device infer the next songs while earlier
+ones are scored. Songs travel to the workers as .npy files in a scratch folder rather than
+through a pipe, so a 4-minute song (~170 MB of references and estimates) is not pickled, and at
+most `2 * workers` songs wait on disk.
+
+Aggregation (the 2019 code and museval's EvalStore(frames_agg="median", tracks_agg="median")):
+per song, source and metric the nanmedian over 1 s frames; per source the median over songs
+(NaN songs left out); "All" is the mean of the four sources.
+
+This module does not import torch: worker processes stay light.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import SOURCES
+from .files import atomic_path
+
+METRICS = ("SDR", "SIR", "ISR", "SAR")  # the rows of the results table, in this order
+TABLE_COLUMNS = ("All", "vocals", "drums", "bass", "other")  # the report's column order
+WINDOW_SECONDS = 1.0  # museval's window and hop (SiSEC 2018)
+EXTRA_KEY = "demucs_dist"  # our key in museval's json: loss and provenance
+EVENTS_FILE = "events.log"
+
+
+def song_json_path(out: str | os.PathLike, subset: str, name: str) -> Path:
+    """Where a song's scores live: museval's layout `<out>/<subset>/<song>.json`."""
+    return Path(out) / subset / f"{name}.json"
+
+
+def log_event(out: str | os.PathLike, event: str, song: str) -> None:
+    """Append one line `time pid event song` to `<out>/events.log`: a ledger of what each run did.
+
+    One short write in append mode, so lines from several processes do not interleave.
+    """
+    line = f"{time.time():.3f}\t{os.getpid()}\t{event}\t{song}\n"
+    with open(Path(out) / EVENTS_FILE, "a") as f:
+        f.write(line)
+
+
+def read_events(out: str | os.PathLike) -> list[tuple[str, str]]:
+    """(event, song) pairs of `<out>/events.log`, oldest first."""
+    path = Path(out) / EVENTS_FILE
+    if not path.is_file():
+        return []
+    return [tuple(line.rstrip("\n").split("\t")[2:4]) for line in path.read_text().splitlines() if line]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring one song (runs in a worker process)
+
+
+def score_song(name: str, references: np.ndarray, estimates: np.ndarray, samplerate: int):
+    """museval (bss_eval v4, 1 s windows and hops) of four (sources, channels, samples) arrays.
+
+    Returns a museval.TrackStore with one target per source, in SOURCES order.
+    """
+    import museval  # imported late: slow, and it checks for ffmpeg at import time
+
+    window = int(WINDOW_SECONDS * samplerate)
+    # museval wants (sources, samples, channels), float64.
+    refs = np.asarray(references, dtype=np.float64).transpose(0, 2, 1)
+    ests = np.asarray(estimates, dtype=np.float64).transpose(0, 2, 1)
+    sdr, isr, sir, sar = museval.evaluate(refs, ests, win=window, hop=window)
+    store = museval.TrackStore(track_name=name, win=WINDOW_SECONDS, hop=WINDOW_SECONDS)
+    for i, source in enumerate(SOURCES):
+        values = {"SDR": sdr[i].tolist(), "SIR": sir[i].tolist(), "ISR": isr[i].tolist(), "SAR": sar[i].tolist()}
+        store.add_target(target_name=source, values=values)
+    return store
+
+
+def write_song_json(path: str | os.PathLike, store, extra: Mapping) -> None:
+    """Write a TrackStore's json with our `extra` key, atomically."""
+    store.scores[EXTRA_KEY] = dict(extra)
+    with atomic_path(path) as tmp:
+        tmp.write_text(store.json)
+
+
+@dataclass
+class ScoreJob:
+    """Everything a worker needs to score one song (small: the audio travels as a file)."""
+
+    name: str
+    arrays_path: str  # .npy of shape (2, sources, channels, samples): references then estimates
+    json_path: str
+    out: str  # for the events log
+    samplerate: int
+    extra: dict = field(default_factory=dict)  # loss etc., stored in the json
+
+
+def run_score_job(job: ScoreJob) -> float:
+    """Score one song, write its json, log it and delete its arrays. Returns museval's seconds."""
+    start = time.perf_counter()
+    arrays = np.load(job.arrays_path)
+    store = score_song(job.name, arrays[0], arrays[1], job.samplerate)
+    del arrays
+    seconds = time.perf_counter() - start
+    write_song_json(job.json_path, store, {**job.extra, "museval_seconds": round(seconds, 3)})
+    log_event(job.out, "scored", job.name)
+    os.unlink(job.arrays_path)
+    return seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# The pool
+
+
+def default_workers(processes_on_node: int, cpus: int | None = None, memory_bytes: int | None = None) -> int:
+    """museval workers per rank: the cores this rank has, minus one that feeds the device, and no
+    more than fit in memory at ~4 GB each (a 4-minute song's museval peak)."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if memory_bytes is None:
+        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    by_cores = cpus // max(1, processes_on_node) - 1
+    by_memory = memory_bytes // (4 * 2**30) // max(1, processes_on_node)
+    return int(max(1, min(by_cores, by_memory)))
+
+
+def _worker_context(threads: int):
+    """A multiprocessing context whose workers use `threads` BLAS threads each.
+
+    forkserver: workers are forked from a clean server process, not from this one with its
+    torch/CUDA threads (fork), and do not each import torch (spawn would).
+    museval's biggest cost is a LAPACK solve that BLAS would spread over every core, so that
+    `workers` processes would fight over the cores: the server starts with the thread count in
+    its environment, which BLAS reads once, when numpy loads.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    from multiprocessing import forkserver
+
+    # Each worker still runs the main module (as __mp_main__): with torch loaded once in the
+    # server, that costs nothing and the workers share torch's pages instead of loading their own.
+    forkserver.set_forkserver_preload([name for name in ("torch", __name__) if name in sys.modules])
+    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update({name: str(threads) for name in names})
+    try:
+        forkserver.ensure_running()  # a no-op if this process already started one
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+    return multiprocessing.get_context("forkserver")
+
+
+class ScoringPool:
+    """museval in worker processes, fed one song at a time while the caller infers the next.
+
+    `submit` blocks only when `2 * workers` songs are already waiting, which bounds the scratch
+    disk; since museval is the slow part, the pool stays busy either way. Failures are collected
+    per song (`failures`) instead of raised, so one bad song does not stall the other ranks.
+    """
+
+    def __init__(
+        self,
+        workers: int,
+        scratch: str | os.PathLike,
+        threads_per_worker: int = 1,
+        progress: bool = False,
+        position: int = 0,
+        desc: str = "scoring",
+    ):
+        self.workers = workers
+        self.scratch = Path(scratch)
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        self._executor = ProcessPoolExecutor(workers, mp_context=_worker_context(threads_per_worker))
+        self._pending: dict[Future, ScoreJob] = {}
+        self._lock = threading.Lock()  # the progress bar is updated from the pool's thread
+        self.failures: dict[str, str] = {}
+        self.scored: list[str] = []
+        self._bar = tqdm(total=0, desc=desc, unit="song", position=position, disable=not progress)
+
+    def submit(
+        self,
+        name: str,
+        references: np.ndarray,
+        estimates: np.ndarray,
+        json_path: str | os.PathLike,
+        out: str | os.PathLike,
+        samplerate: int,
+        extra: Mapping,
+    ) -> None:
+        """Queue a song: (sources, channels, samples) references and estimates."""
+        while len(self._pending) >= 2 * self.workers:
+            self._collect(wait(self._pending, return_when=FIRST_COMPLETED).done)
+        arrays_path = self.scratch / f"{name}.npy"
+        with atomic_path(arrays_path) as tmp, open(tmp, "wb") as f:
+            np.save(f, np.stack([references, estimates]).astype(np.float32, copy=False))
+        job = ScoreJob(name, str(arrays_path), str(json_path), str(out), samplerate, dict(extra))
+        try:
+            future = self._executor.submit(run_score_job, job)
+        except BrokenProcessPool:
+            self.failures[name] = "museval worker pool is broken (a worker died, out of memory? try fewer --workers)"
+            return
+        with self._lock:
+            self._bar.total += 1
+            self._bar.refresh()
+        future.add_done_callback(self._tick)
+        self._pending[future] = job
+
+    def _tick(self, _future: Future) -> None:
+        with self._lock:
+            self._bar.update(1)
+
+    def _collect(self, done: Iterable[Future]) -> None:
+        for future in done:
+            job = self._pending.pop(future)
+            error = future.exception()
+            if error is None:
+                self.scored.append(job.name)
+            elif isinstance(error, BrokenProcessPool):
+                self.failures[job.name] = "a museval worker died (out of memory? try fewer --workers)"
+            else:
+                self.failures[job.name] = f"{type(error).__name__}: {error}"
+
+    def close(self) -> None:
+        """Wait for every queued song and stop the workers."""
+        if self._pending:
+            self._collect(wait(self._pending).done)
+        self._executor.shutdown()
+        self._bar.close()
+
+    def __enter__(self) -> ScoringPool:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # interrupted: do not wait for museval; finished songs are already on disk
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._bar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the store back and aggregating
+
+
+def read_song_json(path: str | os.PathLike) -> dict:
+    """A song's json as written by museval (NaN allowed)."""
+    return json.loads(Path(path).read_text())
+
+
+def frame_medians(document: Mapping) -> dict[str, dict[str, float]]:
+    """{target: {metric: nanmedian over frames}} of one song's museval json."""
+    medians = {}
+    for target in document["targets"]:
+        medians[target["name"]] = {
+            metric: _nanmedian([float(frame["metrics"][metric]) for frame in target["frames"]]) for metric in METRICS
+        }
+    return medians
+
+
+def _nanmedian(values: Iterable[float]) -> float:
+    values = np.asarray(list(values), dtype=np.float64)
+    if values.size == 0 or np.isnan(values).all():
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(np.nanmedian(values))
+
+
+def aggregate(documents: Mapping[str, Mapping]) -> dict:
+    """The evaluation's numbers from the songs' json documents ({song: document}).
+
+    Returns {"scores": {column: {metric: value}}, "loss": mean test loss over songs (each song's
+    loss is the mean over its samples), "songs": {song: {"loss": .., source: {metric: ..}}}}.
+    """
+    per_song = {name: frame_medians(doc) for name, doc in sorted(documents.items())}
+    scores: dict[str, dict[str, float]] = {}
+    for source in SOURCES:
+        scores[source] = {m: _nanmedian(song[source][m] for song in per_song.values()) for m in METRICS}
+    scores["All"] = {m: float(np.mean([scores[s][m] for s in SOURCES])) for m in METRICS}
+    losses = [doc.get(EXTRA_KEY, {}).get("loss", float("nan")) for doc in documents.values()]
+    songs = {
+        name: {"loss": documents[name].get(EXTRA_KEY, {}).get("loss"), **medians} for name, medians in per_song.items()
+    }
+    return {
+        "scores": {column: scores[column] for column in TABLE_COLUMNS},
+        "loss": float(np.mean(losses)) if losses else float("nan"),
+        "songs": songs,
+    }
+
+
+def format_table(results: Mapping, compare: Mapping[str, Mapping] | None = None) -> str:
+    """A markdown table shaped like the report's: rows SDR, SAR, SIR, ISR and the loss; columns
+    All, vocals, drums, bass, other. `compare` ({label: results}) adds one SDR row per other run
+    (e.g. the mixture baseline)."""
+    scores = results["scores"]
+    title = f"{results.get('label', 'model')} ({len(results.get('songs', {}))} songs)"
+    lines = [f"| {title} | " + " | ".join(TABLE_COLUMNS) + " |", "|---" + "|---:" * len(TABLE_COLUMNS) + "|"]
+    for metric in METRICS:
+        lines.append(f"| {metric} | " + " | ".join(_number(scores[c][metric]) for c in TABLE_COLUMNS) + " |")
+    loss_name = f"{results.get('loss_kind', 'l1').upper()} loss"
+    lines.append(f"| {loss_name} | {_number(results['loss'])} |" + " |" * (len(TABLE_COLUMNS) - 1))
+    for label, other in (compare or {}).items():
+        row = " | ".join(_number(other["scores"][c]["SDR"]) for c in TABLE_COLUMNS)
+        lines.append(f"| SDR ({label}) | {row} |")
+    return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return "nan" if value is None or value != value else f"{value:.3f}"
+
+
+def load_results(path: str | os.PathLike) -> dict:
+    """A results.json written by `demucs-dist evaluate`."""
+    return json.loads(Path(path).read_text())
