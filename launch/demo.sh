@@ -7,21 +7,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${VENV:-.venv}/bin
 demo=${DEMO_DIR:-demo}
-epochs=${DEMO_EPOCHS:-12}
+# Sizes (the test suite runs this script smaller through these variables).
+train_songs=${DEMO_TRAIN_SONGS:-10} test_songs=${DEMO_TEST_SONGS:-3} seconds=${DEMO_SECONDS:-20}
+epochs=${DEMO_EPOCHS:-12} repeat=${DEMO_REPEAT:-2}
+# The demo model: Demucs v1 at a size a CPU trains in minutes (the paper's is --channels 100 --depth 6).
+read -r -a model <<< "${DEMO_MODEL:---channels 16 --depth 5 --lstm-layers 1}"
 step() { printf '\n== %s ==\n' "$*"; }
 
-# The demo model: Demucs v1 at a size a CPU trains in minutes (the paper's is --channels 100 --depth 6).
-model=(--channels 16 --depth 5 --lstm-layers 1)
-
 step "1/5 synthetic MUSDB18-format dataset"
-"$bin/demucs-dist" synth --out "$demo/musdb" --train 10 --valid 2 --test 3 --seconds 20 --seed 0
+"$bin/demucs-dist" synth --out "$demo/musdb" --train "$train_songs" --valid 2 --test "$test_songs" --seconds "$seconds" --seed 0
 
 step "2/5 shards"
 "$bin/demucs-dist" shard --musdb "$demo/musdb" --is-wav --out "$demo/shards" --segment 2 --shard-size 16 --workers 2
 
 step "3/5 training"
 launch/train.sh --shards "$demo/shards" --logdir "$demo/runs/demo" "${model[@]}" --segment 2 \
-  --epochs "$epochs" --repeat 2 --valid-every 3 --global-batch 16 --max-device-batch 8 --workers 1 --lr 1e-3
+  --epochs "$epochs" --repeat "$repeat" --valid-every 3 --global-batch 16 --max-device-batch 8 --workers 1 --lr 1e-3
 
 step "4/5 evaluation: shift trick on the test songs, museval"
 launch/evaluate.sh --baseline mixture --musdb "$demo/musdb" --is-wav --out "$demo/eval/mixture" --label "mixture baseline"
