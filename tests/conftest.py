@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from demucs_dist.data.synth import synthesize
 
@@ -31,3 +32,11 @@ def synth_shards(synth_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
     main(["--musdb", str(synth_root), "--is-wav", "--out", str(out), *SHARD_ARGS])
     return out
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """In-process runs set torch's thread count (inference, loaders); give it back to the next test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -55,14 +55,6 @@ def table_numbers(stdout):
     return rows
 
 
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    """In-process runs set torch's thread count for inference; give it back to the next test."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
     torch.manual_seed(0)

@@ -21,13 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 SUM_TOLERANCE = 0.5  # relative L2 error of the stems' sum; see trained_model
 
 
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def train_root(tmp_path_factory):
     return synthesize(tmp_path_factory.mktemp("synth"), train=4, valid=0, test=1, seconds=6.0, seed=1)
