@@ -119,3 +119,15 @@ def test_world_size_mismatch_fails_loudly(tmp_path):
     result = launch(["-m", "demucs_dist.train", "--shards", str(tmp_path), "--logdir", str(tmp_path)], cpu_flag=True)
     assert result.returncode != 0
     assert "launched as 2 processes but running as 1" in result.stderr
+
+
+def test_bf16_autocast_runs_on_cpu(synth_shards, tmp_path):
+    """bf16 is allowed on CPU (fp16 is refused: see test_train_plan); one step and a validation."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="1")
+    command = [sys.executable, "-m", "demucs_dist.train", "--shards", str(synth_shards), "--logdir", str(tmp_path),
+               *TINY, "--global-batch", "2", "--max-device-batch", "2", "--workers", "0", "--epochs", "1",
+               "--epoch-size", "2", "--repeat", "1", "--mixed-precision", "bf16", "--no-log-audio"]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mixed precision bf16" in result.stdout and "epoch 1/1" in result.stdout
+    assert load_model(tmp_path / "best.th").kwargs["channels"] == 4
