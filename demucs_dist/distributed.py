@@ -30,10 +30,42 @@ def make_accelerator(mixed_precision: str | None = None, timeout_s: float = 1800
     wanted = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if cpu and wanted == "fp16":
         raise UserError("fp16 mixed precision needs a GPU (on CPU it would silently run in fp32); use bf16 or no")
+    join_restarted_group(cpu, timeout_s)
     handlers = [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=timeout_s))]
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=handlers, **kwargs)
     check_world_size(accelerator)
     return accelerator
+
+
+def join_restarted_group(cpu: bool, timeout_s: float) -> None:
+    """Join the process group of a round that torchrun restarted (--max_restarts) through a store
+    prefixed with the restart count.
+
+    The workers of every round rendezvous in the same TCP store under the same keys, so a restarted
+    worker may read a dead peer's address from the previous round and fail ("Gloo connectFullMesh
+    failed ... Connection refused"; seen in about half the restarts here). The first round (and
+    anything not started by torchrun) is left to Accelerate as before.
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    if restart == 0 or torch.distributed.is_initialized() or "MASTER_ADDR" not in os.environ:
+        return
+    timeout = datetime.timedelta(seconds=timeout_s)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts the store
+    store = torch.distributed.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=not agent_store and rank == 0,
+        timeout=timeout,
+    )
+    torch.distributed.init_process_group(
+        "gloo" if cpu else "nccl",
+        store=torch.distributed.PrefixStore(f"demucs_dist/restart{restart}", store),
+        rank=rank,
+        world_size=world_size,
+        timeout=timeout,
+    )
 
 
 # Set by launch/run.sh to the number of processes it starts: `accelerate launch --cpu --num_processes 2`

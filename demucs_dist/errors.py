@@ -21,7 +21,9 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
     except UserError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        # One write per line: several ranks share stderr, and print() writes text and newline apart.
+        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -29,7 +31,7 @@ from . import SOURCES
 from .apply import apply_model
 from .config import ModelConfig, option, parse
 from .data.augment import AugmentConfig
-from .data.loader import examples_per_epoch, read_manifest, train_loader, valid_songs
+from .data.loader import LoaderConfig, examples_per_epoch, read_manifest, train_loader, valid_songs
 from .distributed import make_accelerator
 from .errors import UserError, run_main
 from .files import atomic_path
@@ -38,6 +40,36 @@ from .modelfile import save_model
 from .tblog import mono, spectrogram_image
 
 CHECKPOINT_PREFIX = "step-"
+
+# Fault injection for the reliability tests (tests/test_reliability.py), off unless these are set:
+#   DEMUCS_DIST_FAULT_NAN_STEPS="3,4"     the loss is NaN on every rank in optimizer steps 3 and 4
+#   DEMUCS_DIST_FAULT_KILL="1:5[:MARKER]"  rank 1 SIGKILLs itself after optimizer step 5 (once: if
+#                                          MARKER is given, only while that file does not exist; it creates it)
+#   DEMUCS_DIST_FAULT_KILL_IN_SAVE="0:4"  rank 0 SIGKILLs itself inside the checkpoint save of step 4,
+#                                          after the state files are written and before the rename
+FAULT_NAN_STEPS = "DEMUCS_DIST_FAULT_NAN_STEPS"
+FAULT_KILL = "DEMUCS_DIST_FAULT_KILL"
+FAULT_KILL_IN_SAVE = "DEMUCS_DIST_FAULT_KILL_IN_SAVE"
+
+
+def _fault_nan_steps() -> set[int]:
+    return {int(step) for step in os.environ.get(FAULT_NAN_STEPS, "").split(",") if step.strip()}
+
+
+def _fault_kill(rank: int, step: int, env: str = FAULT_KILL) -> None:
+    """Test hook: SIGKILL this process (no cleanup, like the OOM killer) where `env` says so."""
+    spec = os.environ.get(env)
+    if not spec:
+        return
+    wanted_rank, wanted_step, *marker = spec.split(":", 2)
+    if (int(wanted_rank), int(wanted_step)) != (rank, step):
+        return
+    if marker:
+        if os.path.exists(marker[0]):
+            return
+        Path(marker[0]).touch()
+    print(f"fault injection: rank {rank} kills itself at step {step}", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -121,7 +153,10 @@ class Checkpoints:
         found = self.complete()
         return found[-1] if found else None
 
-    def save(self, accelerator: Accelerator, progress: Progress) -> None:
+    def save(self, accelerator: Accelerator, progress: Progress, model: torch.nn.Module) -> None:
+        # Every rank holds the same weights, so every rank takes this branch together.
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise UserError(f"the weights are not finite at step {progress.step}: no checkpoint written")
         final = self.folder / f"{CHECKPOINT_PREFIX}{progress.step:08d}"
         partial = self.folder / f".partial-{final.name}"
         if accelerator.is_main_process and partial.exists():
@@ -129,6 +164,8 @@ class Checkpoints:
         accelerator.wait_for_everyone()
         accelerator.save_state(str(partial))  # every rank: its RNG state; rank 0: model and optimizer
         accelerator.wait_for_everyone()
+        if os.environ.get(FAULT_KILL_IN_SAVE):
+            _fault_kill(accelerator.process_index, progress.step, FAULT_KILL_IN_SAVE)
         if accelerator.is_main_process:
             (partial / "progress.json").write_text(json.dumps(dataclasses.asdict(progress)))
             if final.exists():
@@ -186,8 +223,11 @@ def log_separation(writer, song, estimates: torch.Tensor, step: int, seconds: fl
     writer.add_image("separation/spectrograms", spectrogram_image(rows), step)  # mix, then estimate/reference
 
 
-def train(model_cfg: ModelConfig, cfg: TrainConfig, augment: AugmentConfig) -> tuple[Progress, Demucs]:
+def train(
+    model_cfg: ModelConfig, cfg: TrainConfig, augment: AugmentConfig, loader_cfg: LoaderConfig | None = None
+) -> tuple[Progress, Demucs]:
     """Run (or resume) a training run; returns where it ended and this process's trained model."""
+    loader_cfg = loader_cfg or LoaderConfig()
     accelerator = make_accelerator(None if cfg.mixed_precision == "auto" else cfg.mixed_precision, cfg.timeout)
     world = accelerator.num_processes
     device_batch, accumulation = plan_batches(cfg.global_batch, world, cfg.max_device_batch)
@@ -219,7 +259,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, augment: AugmentConfig) -> t
             checkpoints.clear()
         check_same_model(run_dir, model_cfg)
         with atomic_path(run_dir / "config.json") as tmp:
-            tmp.write_text(json.dumps(run_config(model_cfg, cfg, augment), indent=2))
+            tmp.write_text(json.dumps(run_config(model_cfg, cfg, augment, loader_cfg), indent=2))
     accelerator.wait_for_everyone()
 
     set_seed(cfg.seed)
@@ -246,11 +286,14 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, augment: AugmentConfig) -> t
         # After a crash, events written past the checkpoint are hidden so the curves do not double back.
         writer = SummaryWriter(str(run_dir), purge_step=progress.step + 1 if progress.step else None)
         writer.samplerate = model_cfg.samplerate
-        writer.add_text("config", "```\n" + json.dumps(run_config(model_cfg, cfg, augment), indent=2) + "\n```")
+        config_text = json.dumps(run_config(model_cfg, cfg, augment, loader_cfg), indent=2)
+        writer.add_text("config", "```\n" + config_text + "\n```")
 
     criterion = loss_function(cfg.loss)
     segment = bare_model.valid_length(int(cfg.segment * model_cfg.samplerate))
     consecutive_nonfinite = 0
+    nan_steps = _fault_nan_steps()  # test hook, empty unless DEMUCS_DIST_FAULT_NAN_STEPS is set
+    bad_shards = torch.zeros((), device=accelerator.device)  # unreadable shards skipped, this rank
     if progress.epoch >= cfg.epochs:
         say(f"{run_dir} has finished its {cfg.epochs} epochs already (raise --epochs to train on, or --restart)")
     while progress.epoch < cfg.epochs:
@@ -267,6 +310,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, augment: AugmentConfig) -> t
             world_size=world,
             workers=cfg.workers,
             augment=augment,
+            on_bad_shard=loader_cfg.on_bad_shard,
         )
         bar = tqdm(
             total=steps_per_epoch,
@@ -277,64 +321,79 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, augment: AugmentConfig) -> t
             dynamic_ncols=True,
         )
         epoch_loss, window_loss = torch.zeros((), device=accelerator.device), 0.0
-        epoch_steps, wait = 0, 0.0
+        epoch_steps, finite_steps, wait = 0, 0, 0.0
         step_start = fetch_start = time.perf_counter()
-        for index, (mix, sources) in enumerate(batches):
-            if index < progress.batch:  # resuming mid-epoch: the loader replays the epoch's order
-                fetch_start = step_start = time.perf_counter()
-                continue
-            wait += time.perf_counter() - fetch_start
-            mix, sources = (
-                mix.to(accelerator.device, non_blocking=True),
-                sources.to(accelerator.device, non_blocking=True),
-            )
-            with accelerator.accumulate(model):
-                estimates = model(mix)
-                loss = criterion(estimates, center_trim(sources, estimates))
-                accelerator.backward(loss)
-                window_loss = window_loss + loss.detach() / accumulation
-                if accelerator.sync_gradients:
-                    # Gradients are all-reduced by now: every rank sees the same norm and takes the same branch.
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), math.inf)
-                    finite = bool(torch.isfinite(grad_norm))
-                    if finite or accelerator.scaler is not None:  # fp16: the loss scaler skips overflows itself
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            progress.batch = index + 1
-            if not accelerator.sync_gradients:
-                fetch_start = time.perf_counter()
-                continue
-
-            skipped = not finite or accelerator.optimizer_step_was_skipped
-            consecutive_nonfinite = consecutive_nonfinite + 1 if skipped else 0
-            progress.skipped_steps += skipped
-            progress.step += 1
-            epoch_steps += 1
-            step_time = time.perf_counter() - step_start
-            epoch_loss += window_loss
-            step_loss = accelerator.reduce(window_loss, reduction="mean").item()
-            window_loss = 0.0
-            if writer is not None:
-                writer.add_scalar("train/loss", step_loss, progress.step)
-                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], progress.step)
-                writer.add_scalar("train/grad_norm", grad_norm.item(), progress.step)
-                writer.add_scalar("train/examples_per_s", cfg.global_batch / step_time, progress.step)
-                writer.add_scalar("train/data_wait_fraction", wait / step_time, progress.step)
-                writer.add_scalar("train/skipped_steps", progress.skipped_steps, progress.step)
-                bar.set_postfix(loss=f"{step_loss:.4f}")
-            bar.update(1)
-            if consecutive_nonfinite >= cfg.max_nonfinite:
-                raise UserError(
-                    f"{consecutive_nonfinite} steps in a row had non-finite gradients (step {progress.step}); "
-                    "stopping. The last checkpoint holds finite weights; try a lower --lr or --mixed-precision no"
+        try:  # close the progress bar before an error is printed, so the error is a line of its own
+            for index, (mix, sources) in enumerate(batches):
+                if index < progress.batch:  # resuming mid-epoch: the loader replays the epoch's order
+                    fetch_start = step_start = time.perf_counter()
+                    continue
+                wait += time.perf_counter() - fetch_start
+                mix, sources = (
+                    mix.to(accelerator.device, non_blocking=True),
+                    sources.to(accelerator.device, non_blocking=True),
                 )
-            if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0 and progress.batch < micro_batches:
-                checkpoints.save(accelerator, progress)
-            wait, step_start = 0.0, time.perf_counter()
-            fetch_start = step_start
-        bar.close()
+                with accelerator.accumulate(model):
+                    estimates = model(mix)
+                    loss = criterion(estimates, center_trim(sources, estimates))
+                    if progress.step + 1 in nan_steps:
+                        loss = loss * math.nan
+                    accelerator.backward(loss)
+                    window_loss = window_loss + loss.detach() / accumulation
+                    if accelerator.sync_gradients:
+                        # Gradients are all-reduced by now: every rank sees the same norm and takes the same branch.
+                        accelerator.unscale_gradients()  # fp16: measure the true gradients
+                        grads = [p.grad for p in model.parameters() if p.grad is not None]
+                        grad_norm = torch.nn.utils.get_total_norm(grads)  # measure only: no clipping pass
+                        finite = bool(torch.isfinite(grad_norm))
+                        if finite or accelerator.scaler is not None:  # fp16: the loss scaler skips overflows itself
+                            optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                progress.batch = index + 1
+                if not accelerator.sync_gradients:
+                    fetch_start = time.perf_counter()
+                    continue
 
-        train_loss = accelerator.reduce(epoch_loss, reduction="mean").item() / max(1, epoch_steps)
+                skipped = not finite or accelerator.optimizer_step_was_skipped
+                consecutive_nonfinite = consecutive_nonfinite + 1 if skipped else 0
+                progress.skipped_steps += skipped
+                progress.step += 1
+                epoch_steps += 1
+                step_time = time.perf_counter() - step_start
+                if not skipped:  # a skipped step's loss may be NaN: keep it out of the epoch's mean
+                    epoch_loss += window_loss
+                    finite_steps += 1
+                step_loss = accelerator.reduce(window_loss, reduction="mean").item()
+                window_loss = 0.0
+                if writer is not None:
+                    writer.add_scalar("train/loss", step_loss, progress.step)
+                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], progress.step)
+                    writer.add_scalar("train/grad_norm", grad_norm.item(), progress.step)
+                    writer.add_scalar("train/examples_per_s", cfg.global_batch / step_time, progress.step)
+                    writer.add_scalar("train/data_wait_fraction", wait / step_time, progress.step)
+                    writer.add_scalar("train/skipped_steps", progress.skipped_steps, progress.step)
+                    bar.set_postfix(loss=f"{step_loss:.4f}")
+                bar.update(1)
+                if consecutive_nonfinite >= cfg.max_nonfinite:
+                    raise UserError(
+                        f"{consecutive_nonfinite} steps in a row had non-finite gradients (step {progress.step}); "
+                        "stopping. The last checkpoint holds finite weights; try a lower --lr or --mixed-precision no"
+                    )
+                if (
+                    cfg.checkpoint_every
+                    and progress.step % cfg.checkpoint_every == 0
+                    and progress.batch < micro_batches
+                ):
+                    checkpoints.save(accelerator, progress, bare_model)
+                _fault_kill(accelerator.process_index, progress.step)
+                wait, step_start = 0.0, time.perf_counter()
+                fetch_start = step_start
+        finally:
+            bar.close()
+
+        train_loss = accelerator.reduce(epoch_loss, reduction="mean").item() / max(1, finite_steps)
+        bad_shards += batches.bad_shards
+        all_bad_shards = accelerator.reduce(bad_shards, reduction="sum").item()
         progress.epoch, progress.batch = epoch + 1, 0
         last_epoch = progress.epoch == cfg.epochs
         valid = math.nan
@@ -346,21 +405,23 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, augment: AugmentConfig) -> t
                     export(bare_model, run_dir / "best.th", progress, cfg)
         if accelerator.is_main_process:
             export(bare_model, run_dir / "last.th", progress, cfg)
-        checkpoints.save(accelerator, progress)
+        checkpoints.save(accelerator, progress, bare_model)
 
         seconds = time.perf_counter() - epoch_start
         speed = epoch_steps * cfg.global_batch / seconds
         if writer is not None:
             writer.add_scalar("epoch/train_loss", train_loss, progress.step)
             writer.add_scalar("epoch/epoch", progress.epoch, progress.step)
+            writer.add_scalar("train/bad_shards", all_bad_shards, progress.step)
             if not math.isnan(valid):
                 writer.add_scalar("valid/loss", valid, progress.step)
                 writer.add_scalar("valid/best", progress.best_valid, progress.step)
             writer.flush()
         valid_text = "-" if math.isnan(valid) else f"{valid:.4f}"
+        best_text = "-" if progress.best_epoch < 0 else f"{progress.best_valid:.4f} (epoch {progress.best_epoch})"
         say(
             f"epoch {progress.epoch}/{cfg.epochs} | train {train_loss:.4f} | valid {valid_text} | "
-            f"best {progress.best_valid:.4f} (epoch {progress.best_epoch}) | {speed:.1f} examples/s | {seconds:.1f} s"
+            f"best {best_text} | {speed:.1f} examples/s | {seconds:.1f} s"
         )
 
     if writer is not None:
@@ -385,11 +446,12 @@ def export(model: Demucs, path: Path, progress: Progress, cfg: TrainConfig) -> N
     )
 
 
-def run_config(model_cfg: ModelConfig, cfg: TrainConfig, augment: AugmentConfig) -> dict:
+def run_config(model_cfg: ModelConfig, cfg: TrainConfig, augment: AugmentConfig, loader: LoaderConfig) -> dict:
     return {
         "model": dataclasses.asdict(model_cfg),
         "train": dataclasses.asdict(cfg),
         "augment": dataclasses.asdict(augment),
+        "loader": dataclasses.asdict(loader),
     }
 
 
@@ -406,6 +468,9 @@ def check_same_model(run_dir: Path, model_cfg: ModelConfig) -> None:
 
 
 def check_shards_fit_model(manifest: dict, model_cfg: ModelConfig) -> None:
+    """Refuse, before any training, shards that this model cannot use or validate on."""
+    if not manifest.get("valid") or not manifest.get("songs", {}).get("valid"):
+        raise UserError("the shards hold no validation songs: reshard with --valid-tracks (a count, names or a file)")
     rate, sources = manifest.get("samplerate"), manifest.get("sources")
     if rate is not None and rate != model_cfg.samplerate:
         raise UserError(f"the shards are at {rate} Hz but the model works at {model_cfg.samplerate} Hz")
@@ -416,8 +481,8 @@ def check_shards_fit_model(manifest: dict, model_cfg: ModelConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    model_cfg, cfg, augment = parse(argv, "demucs-dist train", __doc__, ModelConfig, TrainConfig, AugmentConfig)
-    train(model_cfg, cfg, augment)
+    configs = parse(argv, "demucs-dist train", __doc__, ModelConfig, TrainConfig, AugmentConfig, LoaderConfig)
+    train(*configs)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,12 @@ Training stream, per epoch:
 3. A shuffle buffer, then Shift (per-source crop), batching, FlipSign, FlipChannels and Remix;
    the mixture is the sum of the augmented sources.
 4. Every rank stops after exactly `batches` batches (uneven ranks would hang DDP).
+
+A shard that cannot be read (truncated, corrupt tar, undecodable array) stops training with a
+message naming it (`--on-bad-shard stop`), or is skipped with a warning and counted (`skip`): the
+stream repeats, so every rank still gets its `batches` batches. Workers report a bad shard as a
+`BadShard` item rather than an exception, because DataLoader re-raises worker exceptions with the
+worker's traceback in the message, and the user should get one line.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import io
 import itertools
 import json
 import os
-from collections.abc import Iterable, Iterator
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,11 +38,35 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from ..config import option
 from ..errors import UserError
 from .augment import AugmentConfig, Crop, assemble_batch, shift_crop
 
 MANIFEST = "manifest.json"
 INTERLEAVE = 4  # shards a worker reads at once: batches mix songs even when a shard holds few
+
+
+@dataclass
+class LoaderConfig:
+    """Data loading"""
+
+    on_bad_shard: str = option(
+        "stop",
+        "a training shard that cannot be read: stop with its name, or skip it with a warning (counted)",
+        choices=["stop", "skip"],
+    )
+
+
+@dataclass
+class BadShard:
+    """What a worker sends instead of a batch when a shard cannot be read."""
+
+    message: str
+    fatal: bool
+
+
+class _ShardReadError(Exception):
+    """Raised inside a worker's stream in `stop` mode; turned into a fatal BadShard."""
 
 
 @dataclass
@@ -118,6 +149,12 @@ def decode_array(data: bytes) -> torch.Tensor:
     return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
 
 
+def _reason(exc: BaseException) -> str:
+    """A read error in one short line (webdataset wraps tarfile's message with the stream's repr)."""
+    text = str(exc.args[0]) if exc.args and isinstance(exc.args[0], str) else str(exc)
+    return f"{type(exc).__name__}: {text.split(' @ <')[0].splitlines()[0] if text else ''}"
+
+
 def read_samples(url: str) -> Iterator[dict]:
     """Raw samples (webdataset dicts: '__key__', 'json', 'sources.npy', ...) of one tar shard."""
     yield from wds.tarfile_samples([{"url": url}])
@@ -127,8 +164,13 @@ class _TrainStream(torch.utils.data.IterableDataset):
     """The batches of one rank; in a DataLoader each worker produces its own share."""
 
     def __init__(self, shards: str, manifest: dict, segment: int, batch_size: int, epoch: int, seed: int,
-                 rank: int, world_size: int, workers: int, augment: AugmentConfig):  # fmt: skip
+                 rank: int, world_size: int, workers: int, augment: AugmentConfig,
+                 on_bad_shard: str = "stop"):  # fmt: skip
         super().__init__()
+        self.on_bad_shard = on_bad_shard
+        self.bad: list[str] = []  # warnings about skipped shards, not yet sent (per worker process)
+        self.bad_seen = False
+        self.known_bad: set[str] = set()
         self.shards, self.manifest, self.segment, self.batch_size = shards, manifest, segment, batch_size
         self.epoch, self.seed, self.rank, self.world_size, self.workers = epoch, seed, rank, world_size, workers
         self.augment = augment
@@ -174,13 +216,31 @@ class _TrainStream(torch.utils.data.IterableDataset):
                     else:
                         opened[pick] = replacement
             if not produced:
-                raise UserError(f"training slot {slot} got no samples: too few chunks for the ranks x workers")
+                raise _ShardReadError(
+                    f"training slot {slot} got no samples: too few chunks for the ranks x workers"
+                    + (" (or every one of its shards was skipped as unreadable)" if self.bad_seen else "")
+                )
 
     def _stream(self, name: str, stride: int, slot: int) -> Iterator[tuple[str, torch.Tensor]]:
+        if name in self.known_bad:  # skipped once already: not read (nor reported) again
+            return
         first = self.first_sample[name]
-        for index, sample in enumerate(read_samples(shard_url(self.shards, name)), start=first):
-            if index % stride == slot % stride:
-                yield f"{name}/{sample['__key__']}", decode_array(sample["sources.npy"])
+        url = shard_url(self.shards, name)
+        try:
+            for index, sample in enumerate(read_samples(url), start=first):
+                if index % stride == slot % stride:
+                    key = f"{name}/{sample['__key__']}"
+                    yield key, decode_array(sample["sources.npy"])
+        except Exception as exc:  # tarfile, gopen, numpy and webdataset raise many kinds on bad bytes
+            message = f"training shard {url} cannot be read ({_reason(exc)})"
+            if self.on_bad_shard == "stop":
+                raise _ShardReadError(
+                    f"{message}; check the shards with `demucs-dist shard --verify --out DIR` and rewrite them, "
+                    "or train with --on-bad-shard skip"
+                ) from None
+            self.bad.append(f"{message}: skipped")  # its samples read so far were used
+            self.bad_seen = True
+            self.known_bad.add(name)
 
     def examples(self, worker: int, generator: torch.Generator) -> Iterator[Crop]:
         """Shifted crops of the stored chunks (views: nothing is copied until the batch is made)."""
@@ -203,18 +263,25 @@ class _TrainStream(torch.utils.data.IterableDataset):
         buffer: list[Crop] = []
         batch: list[Crop] = []
         buffer_size = self.buffer_size(self.slot(worker))
-        for example in self.examples(worker, generator):
-            # Shuffle buffer: each new example replaces a random one, which goes to the batch.
-            if len(buffer) < buffer_size:
-                buffer.append(example)
-                continue
-            pick = int(torch.randint(0, len(buffer), (1,), generator=generator))
-            buffer[pick], example = example, buffer[pick]
-            batch.append(example)
-            if len(batch) == self.batch_size:
-                sources = assemble_batch(batch, self.segment, self.augment, generator)
-                batch = []
-                yield sources.sum(1), sources
+        try:
+            for example in self.examples(worker, generator):
+                while self.bad:
+                    yield BadShard(self.bad.pop(0), fatal=False)
+                # Shuffle buffer: each new example replaces a random one, which goes to the batch.
+                if len(buffer) < buffer_size:
+                    buffer.append(example)
+                    continue
+                pick = int(torch.randint(0, len(buffer), (1,), generator=generator))
+                buffer[pick], example = example, buffer[pick]
+                batch.append(example)
+                if len(batch) == self.batch_size:
+                    sources = assemble_batch(batch, self.segment, self.augment, generator)
+                    batch = []
+                    yield sources.sum(1), sources
+        except _ShardReadError as exc:
+            while self.bad:
+                yield BadShard(self.bad.pop(0), fatal=False)
+            yield BadShard(str(exc), fatal=True)
 
 
 class TrainLoader:
@@ -222,6 +289,7 @@ class TrainLoader:
 
     def __init__(self, stream: _TrainStream, batches: int, workers: int):
         self.stream, self.batches, self.workers = stream, batches, workers
+        self.bad_shards = 0  # shards skipped as unreadable (--on-bad-shard skip), over all iterations
 
     def __len__(self) -> int:
         return self.batches
@@ -237,7 +305,19 @@ class TrainLoader:
         )
         iterator = iter(loader)
         try:
-            yield from itertools.islice(iterator, self.batches)
+            produced = 0
+            while produced < self.batches:
+                item = next(iterator, None)
+                if item is None:  # the stream is endless: only a stopped DataLoader ends it
+                    return
+                if isinstance(item, BadShard):
+                    if item.fatal:
+                        raise UserError(item.message)
+                    self.bad_shards += 1
+                    print(f"warning: {item.message}", file=sys.stderr, flush=True)
+                    continue
+                produced += 1
+                yield item
         finally:
             del iterator  # stops the worker processes now rather than at garbage collection
 
@@ -255,12 +335,14 @@ def train_loader(
     world_size: int,
     workers: int,
     augment: AugmentConfig,
-) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    on_bad_shard: str = "stop",
+) -> TrainLoader:
     """One epoch of training batches for `rank`: exactly `batches` batches on every rank.
 
     segment: the model's input length in samples (model.valid_length(seconds * samplerate)).
     Each batch is (mix (B, C, segment), sources (B, S, C, segment)), float32, mix == sources.sum(1).
     The same (seed, epoch, rank, world_size, workers) gives the same batches.
+    on_bad_shard: 'stop' (UserError naming an unreadable shard) or 'skip' (warn, count, go on).
     """
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} outside world size {world_size}")
@@ -274,7 +356,11 @@ def train_loader(
             f"(segment {segment} + shift {augment.shift} s): reshard with a longer --segment or --shift, "
             "or train with a shorter segment or --shift"
         )
-    stream = _TrainStream(shards, manifest, segment, batch_size, epoch, seed, rank, world_size, workers, augment)
+    if on_bad_shard not in ("stop", "skip"):
+        raise UserError(f"on_bad_shard {on_bad_shard!r}: must be 'stop' or 'skip'")
+    stream = _TrainStream(
+        shards, manifest, segment, batch_size, epoch, seed, rank, world_size, workers, augment, on_bad_shard
+    )
     return TrainLoader(stream, batches, workers)
 
 
@@ -285,13 +371,24 @@ def valid_songs(shards: str, manifest: dict, *, rank: int, world_size: int) -> I
     for shard in manifest["valid"]:
         if not mine.intersection(shard["songs"]):
             continue
-        for sample in read_samples(shard_url(shards, shard["name"])):
-            info: dict[str, Any] = json.loads(sample["json"])
-            if info["song"] in mine:
-                yield ValidSong(
-                    name=info["song"],
-                    mix=decode_array(sample["mix.npy"]).float(),
-                    sources=decode_array(sample["sources.npy"]).float(),
-                    mean=float(info["mean"]),
-                    std=float(info["std"]),
-                )
+        url = shard_url(shards, shard["name"])
+        try:
+            found = []
+            for sample in read_samples(url):
+                info: dict[str, Any] = json.loads(sample["json"])
+                if info["song"] in mine:
+                    found.append(
+                        ValidSong(
+                            name=info["song"],
+                            mix=decode_array(sample["mix.npy"]).float(),
+                            sources=decode_array(sample["sources.npy"]).float(),
+                            mean=float(info["mean"]),
+                            std=float(info["std"]),
+                        )
+                    )
+        except Exception as exc:  # always stop: skipping a validation song would change the metric
+            raise UserError(
+                f"validation shard {url} cannot be read ({_reason(exc)}); "
+                "check the shards with `demucs-dist shard --verify --out DIR`"
+            ) from None
+        yield from found

@@ -47,7 +47,7 @@ from ..errors import UserError, run_main
 from ..files import atomic_path
 from ..model import Demucs
 from .loader import MANIFEST
-from .songs import choose_validation, open_tracks, read_song
+from .songs import check_rate, choose_validation, open_tracks, read_song
 
 CHUNKINGS = ("lean", "paper", "report")
 DTYPES = ("float16", "float32")
@@ -85,6 +85,7 @@ class ShardConfig:
     workers: int = option(min(8, os.cpu_count() or 1), "processes writing shards in parallel (1 = in this process)")
     seed: int = option(0, "seed for --valid-tracks N, report chunk positions and the order of chunks in shards")
     dry_run: bool = option(False, "print what would be written, then stop")
+    verify: bool = option(False, "check the shards in --out against manifest.json (present, size, sha256), then stop")
 
 
 @dataclasses.dataclass
@@ -130,7 +131,16 @@ def song_length(track) -> int:
     """Samples of a song, without decoding it (for stems an estimate; shard tasks clamp to the truth)."""
     if track.is_wav:
         paths = [track.path] + [track.sources[name].path for name in SOURCES]
-        return min(soundfile.info(p).frames for p in paths)
+        frames = []
+        for path in paths:  # checked here, at plan time, rather than in a writer process later
+            try:
+                info = soundfile.info(path)
+            except (soundfile.LibsndfileError, RuntimeError) as exc:
+                raise UserError(f"cannot read {path}: {exc}") from None
+            check_rate(info.samplerate, path)
+            frames.append(info.frames)
+        return min(frames)
+    check_rate(track.rate, track.path)
     return int(track.duration * SAMPLERATE)
 
 
@@ -417,8 +427,41 @@ def write_shards(config: ShardConfig) -> dict | None:
     return manifest
 
 
+def verify_shards(out: Path) -> list[str]:
+    """Problems with the shards in `out` (one line per bad shard, empty if all are whole), judged by
+    the size and sha256 manifest.json recorded when each shard was written."""
+    manifest_path = out / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        records = manifest["train"] + manifest["valid"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"cannot verify {out}: no readable {MANIFEST} ({type(exc).__name__})") from None
+    problems = []
+    for record in records:
+        path = out / record["name"]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != record["bytes"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, the manifest says {record['bytes']} (truncated?)")
+        elif _sha256(path) != record["sha256"]:
+            problems.append(f"{path}: sha256 differs from the manifest (corrupt)")
+    return problems
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     (config,) = parse(argv, "demucs-dist shard", __doc__, ShardConfig)
+    if config.verify:
+        out = Path(config.out)
+        problems = verify_shards(out)
+        for problem in problems:
+            print(f"bad shard: {problem}")
+        if problems:
+            raise UserError(
+                f"{len(problems)} bad shard(s) in {out}: delete them and rerun the same "
+                "`demucs-dist shard` command to rewrite them"
+            )
+        print(f"all shards listed in {out / MANIFEST} are whole (size and sha256 match)")
+        return
     write_shards(config)
 
 

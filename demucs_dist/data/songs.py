@@ -109,7 +109,7 @@ def _as_stereo(audio: np.ndarray, where: str) -> np.ndarray:
     return np.ascontiguousarray(audio.T, dtype=np.float32)
 
 
-def _check_rate(rate: float, where: str) -> None:
+def check_rate(rate: float, where: str) -> None:
     if int(rate) != SAMPLERATE:
         raise UserError(
             f"{where} is at {int(rate)} Hz; MUSDB18 and the model use {SAMPLERATE} Hz "
@@ -127,14 +127,14 @@ def read_song(track) -> Song:
                 audio, rate = soundfile.read(path, dtype="float32", always_2d=True)
             except (soundfile.LibsndfileError, RuntimeError) as exc:
                 raise UserError(f"cannot read {path}: {exc}") from None
-            _check_rate(rate, path)
+            check_rate(rate, path)
             streams.append(_as_stereo(audio, path))
     else:
         try:
             stems = track.stems  # (5, samples, channels): mixture then stems in stem_id order
         except Exception as exc:  # stempeg raises bare errors for unreadable files
             raise UserError(f"cannot read {track.path}: {exc}") from None
-        _check_rate(track.rate, track.path)
+        check_rate(track.rate, track.path)
         order = {name: source.stem_id for name, source in track.sources.items()}
         streams = [_as_stereo(stems[0], track.path)] + [_as_stereo(stems[order[n]], track.path) for n in SOURCES]
     length = min(s.shape[-1] for s in streams)  # encoders may pad streams differently
