@@ -5,8 +5,8 @@
 Both read the same shards through the same loader (1 process, 1 worker) and do the same forward,
 L1 loss, backward and Adam step. The trainer adds what a real run needs: Accelerate, gradient-norm
 measurement, the loss all-reduce, TensorBoard scalars, the progress bar. Its step time is read
-back from its own TensorBoard log (train/examples_per_s); epoch-end work (validation, checkpoints)
-is not per-step and is reported separately.
+back from its own TensorBoard log (wall-clock time between consecutive steps' events); epoch-end
+work (validation, checkpoints) is not per-step and is reported separately.
 """
 
 from __future__ import annotations
@@ -59,9 +59,10 @@ def trainer_steps(model_cfg: ModelConfig, shards: str, batch: int, steps: int, s
     start = time.perf_counter()
     train(model_cfg, cfg, AugmentConfig())
     total = time.perf_counter() - start
-    events = EventAccumulator(str(logdir)).Reload()
-    per_step = [batch / e.value for e in events.Scalars("train/examples_per_s")]
-    return per_step, total
+    # Wall-clock between consecutive steps' events: everything the trainer does per step, its
+    # logging included (train/examples_per_s leaves the logging out).
+    wall = [e.wall_time for e in EventAccumulator(str(logdir)).Reload().Scalars("train/loss")]
+    return [b - a for a, b in zip(wall, wall[1:])], total
 
 
 def main() -> None:
@@ -77,8 +78,8 @@ def main() -> None:
         shards = str(Path(tmp) / "shards")
         shard_main(["--musdb", str(root), "--is-wav", "--out", shards, "--segment", str(args.segment),
                     "--workers", "1"])  # fmt: skip
-        trainer, total = trainer_steps(model_cfg, shards, args.batch, args.steps, args.segment, Path(tmp) / "run")
         bare = bare_loop(model_cfg, shards, args.batch, args.steps, args.segment)
+        trainer, total = trainer_steps(model_cfg, shards, args.batch, args.steps, args.segment, Path(tmp) / "run")
     # The first steps include allocator warm-up in both: compare medians of the rest.
     t, b = statistics.median(trainer[2:]), statistics.median(bare[2:])
     print(f"model channels={args.channels}, batch {args.batch} x {args.segment:g} s, {args.steps} steps, 1 process")
