@@ -264,6 +264,10 @@ def train(
 
     set_seed(cfg.seed)
     model = Demucs(**dataclasses.asdict(model_cfg))
+    # The plain module: torch.compile and DDP wrap this same object and share its parameters, so it
+    # is what validation runs and what best.th/last.th export (a compiled module's state_dict keys
+    # carry an "_orig_mod." prefix that a model file must not have).
+    bare_model = model
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     fused = accelerator.device.type == "cuda"
@@ -271,7 +275,6 @@ def train(
     if cfg.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    bare_model = accelerator.unwrap_model(model)
 
     progress = Progress()
     latest = checkpoints.latest()

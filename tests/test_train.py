@@ -131,3 +131,15 @@ def test_bf16_autocast_runs_on_cpu(synth_shards, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mixed precision bf16" in result.stdout and "epoch 1/1" in result.stdout
     assert load_model(tmp_path / "best.th").kwargs["channels"] == 4
+
+
+def test_compiled_model_exports_a_loadable_model_file(synth_shards, tmp_path):
+    """--compile wraps the model; best.th must still hold the plain Demucs weights."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="1")
+    command = [sys.executable, "-m", "demucs_dist.train", "--shards", str(synth_shards), "--logdir", str(tmp_path),
+               *TINY, "--global-batch", "2", "--max-device-batch", "2", "--workers", "0", "--epochs", "1",
+               "--epoch-size", "2", "--repeat", "1", "--compile", "--no-log-audio"]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = load_model(tmp_path / "best.th")
+    assert model.kwargs["channels"] == 4
