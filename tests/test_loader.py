@@ -185,3 +185,16 @@ def test_fast_batch_assembly_equals_the_reference_augmentations(batch_size):
         fast = assemble_batch(crops, 250, config, torch.Generator().manual_seed(9))
         reference = augment_batch(stacked, config, torch.Generator().manual_seed(9))
         assert fast.dtype == torch.float32 and torch.equal(fast, reference)
+
+
+def test_a_brace_pattern_trains_on_the_named_shards(synth_shards):
+    pattern = str(synth_shards) + "/train/{000000..000002}.tar"
+    manifest = read_manifest(pattern)
+    assert [s["name"] for s in manifest["train"]] == [f"train/00000{i}.tar" for i in range(3)]
+    assert len(manifest["valid"]) == len(read_manifest(str(synth_shards))["valid"])
+    segment = 20000
+    batches = list(train_loader(pattern, manifest, segment=segment, batch_size=2, batches=2, epoch=0, seed=0,
+                                rank=0, world_size=1, workers=0, augment=AugmentConfig()))  # fmt: skip
+    assert len(batches) == 2 and batches[0][1].shape == (2, 4, 2, segment)
+    with pytest.raises(UserError, match="not training shards"):
+        read_manifest(str(synth_shards) + "/train/{000000,999999}.tar")

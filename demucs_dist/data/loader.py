@@ -29,6 +29,7 @@ import io
 import itertools
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
+from braceexpand import braceexpand
 
 from ..config import option
 from ..errors import UserError
@@ -80,8 +82,30 @@ class ValidSong:
     std: float
 
 
+# A brace pattern such as "shards/train/{000000..000009}.tar" (not the "{}" template).
+_BRACES = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
+
+
+def split_pattern(shards: str) -> tuple[str, set[str] | None]:
+    """(shard folder or URL, selected shard names or None for all).
+
+    A brace pattern names shard files, e.g. ".../train/{000000..000009}.tar": the folder two levels
+    up holds the manifest, and only the named training shards are read.
+    """
+    if not _BRACES.search(shards):
+        return shards, None
+    urls = list(braceexpand(shards))
+    base = urls[0].rsplit("/", 2)[0]
+    if any(not url.startswith(base + "/") or url.count("/") != urls[0].count("/") for url in urls):
+        raise UserError(
+            f"{shards}: a brace pattern must name shard files of one shard folder (<folder>/train/NAME.tar)"
+        )
+    return base, {url[len(base) + 1 :] for url in urls}
+
+
 def shard_url(shards: str, relative: str) -> str:
-    """URL of `relative` (e.g. 'train/000000.tar') in the shard folder or URL `shards`."""
+    """URL of `relative` (e.g. 'train/000000.tar') in the shard folder, URL, template or brace pattern `shards`."""
+    shards = split_pattern(shards)[0]
     if "{}" in shards:
         return shards.replace("{}", relative)
     return shards.rstrip("/") + "/" + relative
@@ -100,6 +124,13 @@ def read_manifest(shards: str) -> dict:
         raise UserError(f"cannot read {url}: {exc}") from None
     if not isinstance(manifest, dict) or "train" not in manifest or "chunking" not in manifest:
         raise UserError(f"{url} is not a demucs_dist shard manifest")
+    selected = split_pattern(os.fspath(shards))[1]
+    if selected is not None:  # a brace pattern: train on the named shards only (validation stays whole)
+        known = {shard["name"] for shard in manifest["train"]}
+        unknown = sorted(selected - known)
+        if unknown:
+            raise UserError(f"{shards}: not training shards of {url}: {', '.join(unknown[:3])}")
+        manifest = dict(manifest, train=[shard for shard in manifest["train"] if shard["name"] in selected])
     return manifest
 
 
