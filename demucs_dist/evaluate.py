@@ -26,7 +26,6 @@ for no separation at all. `--compare OTHER/results.json` adds another run's SDR 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -44,7 +43,7 @@ from .apply import apply_model, normalize, song_seed
 from .audio import write_wav
 from .config import ApplyConfig, option, parse
 from .errors import UserError, run_main
-from .files import atomic_path
+from .files import atomic_path, sha256_of
 from .scoring import (
     ScoringPool,
     aggregate,
@@ -120,17 +119,9 @@ def check_config(config: EvaluateConfig) -> None:
             raise UserError(f"--compare: no results file {path}")
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def run_identity(config: EvaluateConfig, apply_config: ApplyConfig) -> dict:
     """What the scores in `--out` depend on. A rerun must match it, or it would mix two runs."""
-    identity = {"model_sha256": file_sha256(config.model)} if config.model else {"baseline": config.baseline}
+    identity = {"model_sha256": sha256_of(config.model)} if config.model else {"baseline": config.baseline}
     if config.model:
         identity.update(
             shifts=apply_config.shifts,

@@ -44,7 +44,7 @@ from .. import AUDIO_CHANNELS, SAMPLERATE, SOURCES
 from ..apply import SILENCE_STD
 from ..config import ModelConfig, option, parse
 from ..errors import UserError, run_main
-from ..files import atomic_path
+from ..files import atomic_path, sha256_of
 from ..model import Demucs
 from .loader import MANIFEST
 from .songs import check_rate, choose_validation, open_tracks, read_song
@@ -272,14 +272,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def song_statistics(mix: np.ndarray) -> tuple[float, float]:
     """(mean, std) of a song's mono mixture, as `apply.normalize` computes them (unbiased std, a
     silent song keeps std 1). numpy rather than torch: these run in forked workers, where torch's
@@ -358,7 +350,7 @@ def write_shard(task: ShardTask, config: ShardConfig, training_length: int) -> d
         "name": task.name,
         "samples": samples,
         "bytes": tar_path.stat().st_size,
-        "sha256": _sha256(tar_path),
+        "sha256": sha256_of(tar_path),
         "songs": list(stats),
         "stats": stats,
         "min_chunk_length": shortest,
@@ -443,7 +435,7 @@ def verify_shards(out: Path) -> list[str]:
             problems.append(f"{path}: missing")
         elif path.stat().st_size != record["bytes"]:
             problems.append(f"{path}: {path.stat().st_size} bytes, the manifest says {record['bytes']} (truncated?)")
-        elif _sha256(path) != record["sha256"]:
+        elif sha256_of(path) != record["sha256"]:
             problems.append(f"{path}: sha256 differs from the manifest (corrupt)")
     return problems
 
