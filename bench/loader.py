@@ -25,33 +25,78 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 
 from demucs_dist import SAMPLERATE, SOURCES
 from demucs_dist.config import ModelConfig
+from demucs_dist.data import loader as loader_module
 from demucs_dist.data.augment import AugmentConfig
-from demucs_dist.data.loader import read_manifest, train_loader
 from demucs_dist.data.shard import ShardConfig, describe, make_plan, write_shards
 from demucs_dist.data.songs import open_tracks
 from demucs_dist.data.synth import synthesize
 from demucs_dist.model import Demucs
 
 
-def shard_rate(shards: str, segment: int, batch_size: int, batches: int, workers: int) -> tuple[float, float]:
-    """(seconds to the first batch, examples/s after it) of one epoch of `batches` batches."""
-    manifest = read_manifest(shards)
-    loader = train_loader(
-        shards, manifest, segment=segment, batch_size=batch_size, batches=batches, epoch=0, seed=0,
-        rank=0, world_size=1, workers=workers, augment=AugmentConfig(),
-    )  # fmt: skip
+def open_loader(shards: str, segment: int, batch_size: int, batches: int, workers: int):
+    """(loader, tensors of one item that go to the device). The loader up to commit 021dbb8 yields
+    augmented float32 (mix, sources); from then on it yields float16 sources (augmentation on the device)."""
+    manifest = loader_module.read_manifest(shards)
+    options = dict(segment=segment, batch_size=batch_size, batches=batches, epoch=0, seed=0, rank=0, world_size=1,
+                   workers=workers, augment=AugmentConfig())  # fmt: skip
+    if hasattr(loader_module, "train_batches"):
+        from demucs_dist.data.manifest import read_manifest
+
+        return loader_module.train_batches(shards, read_manifest(shards), **options), lambda item: [item.sources]
+    return loader_module.train_loader(shards, manifest, **options), lambda item: list(item)
+
+
+def shard_rate(shards: str, segment: int, batch_size: int, batches: int, workers: int) -> dict:
+    """One epoch of `batches` batches: seconds to the first batch; after it, examples/s, CPU seconds
+    (this process and its loader workers) per example, bytes per example handed to the device, and
+    the peak unique memory (USS) and resident memory (RSS) of a worker process."""
+    loader, tensors = open_loader(shards, segment, batch_size, batches, workers)
+    me = psutil.Process()
+
+    def cpu() -> float:
+        total = sum(me.cpu_times()[:2])
+        for child in me.children():
+            try:
+                total += sum(child.cpu_times()[:2])
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    uss, rss = 0, 0
     start = time.perf_counter()
     iterator = iter(loader)
-    next(iterator)
-    first = time.perf_counter()
-    for mix, sources in iterator:
-        assert mix.shape == (batch_size, 2, segment) and sources.shape == (batch_size, 4, 2, segment)
+    item = next(iterator)
+    first, cpu_first = time.perf_counter(), cpu()
+    sent = 0
+    for index in range(batches - 1):
+        item = next(iterator)
+        parts = tensors(item)
+        assert parts[-1].shape == (batch_size, 4, 2, segment)
+        sent += sum(t.numel() * t.element_size() for t in parts)
+        if index == batches - 2:
+            cpu_last = cpu()  # before the loader stops its workers
+        for child in me.children():
+            try:
+                info = child.memory_full_info()
+                uss, rss = max(uss, info.uss), max(rss, info.rss)
+            except psutil.NoSuchProcess:
+                pass
     end = time.perf_counter()
-    return first - start, (batches - 1) * batch_size / (end - first)
+    next(iterator, None)
+    examples = (batches - 1) * batch_size
+    return {
+        "first": first - start,
+        "rate": examples / (end - first),
+        "per_core": examples / max(1e-9, cpu_last - cpu_first),
+        "bytes": sent / examples,
+        "uss": uss,
+        "rss": rss,
+    }
 
 
 def musdb_rate(root: Path, is_wav: bool, segment: int, examples: int) -> float:
@@ -83,9 +128,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--batches", type=int, default=25, help="batches per shard-stream measurement")
     parser.add_argument("--musdb-examples", type=int, default=8, help="examples per musdb measurement")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of this process (workers use 1)")
     parser.add_argument("--workdir", default=None, help="where to write the data (default: a temporary folder)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
@@ -99,10 +145,13 @@ def main(argv: list[str] | None = None) -> None:
         paper, paper_tasks, _ = make_plan(ShardConfig(musdb=str(wav), is_wav=True, chunking="paper"))
 
         segment = Demucs.valid_length(ModelConfig(), 10 * SAMPLERATE)
-        rows = []
+        rows, details = [], []
         for workers in (0, 1, 2):
-            first, rate = shard_rate(str(shards), segment, args.batch_size, args.batches, workers)
-            rows.append((f"shards, workers={workers}", rate, f"first batch after {first:.2f} s"))
+            got = shard_rate(str(shards), segment, args.batch_size, args.batches, workers)
+            rows.append((f"shards, workers={workers}", got["rate"], f"first batch after {got['first']:.2f} s"))
+            worker_memory = f"{got['uss'] / 1e6:.0f} MB / {got['rss'] / 1e6:.0f} MB" if workers else "-"
+            rate, per_core, megabytes = got["rate"], got["per_core"], got["bytes"] / 1e6
+            details.append(f"| {workers} | {rate:.1f} | {per_core:.1f} | {megabytes:.2f} | {worker_memory} |")
         for label, root, is_wav in (("musdb .stem.mp4", stems, False), ("musdb wav", wav, True)):
             rows.append((f"{label}, per example", musdb_rate(root, is_wav, segment, args.musdb_examples), ""))
 
@@ -125,6 +174,12 @@ def main(argv: list[str] | None = None) -> None:
             "",
             f"Shard stream vs the fastest musdb path: {rows[0][1] / musdb_best:.0f}x (workers=0), "
             f"{max(r[1] for r in rows[:3]) / musdb_best:.0f}x (best). Target: >= 10x.",
+            "",
+            "Host cost of the shard stream (CPU seconds of this process and its workers, after the first batch):",
+            "",
+            "| workers | examples/s | examples per CPU-second | MB per example to the device | worker peak USS / RSS |",
+            "|---:|---:|---:|---:|---|",
+            *details,
             "",
             "| bytes on disk | MB | vs raw 16-bit stems |",
             "|---|---:|---:|",
