@@ -24,6 +24,19 @@ def center_trim(tensor: torch.Tensor, reference: torch.Tensor | int) -> torch.Te
     return tensor[..., excess // 2 : excess // 2 + length]
 
 
+def valid_length(length: int, *, depth: int, kernel_size: int, stride: int, context: int) -> int:
+    """Smallest input length (samples) >= `length` for which every convolution of a Demucs with these
+    hyper-parameters fits exactly. A free function so that the shard writer can size its chunks
+    without building a model."""
+    for _ in range(depth):
+        length = math.ceil((length - kernel_size) / stride) + 1
+        length = max(1, length)
+        length += context - 1
+    for _ in range(depth):
+        length = (length - 1) * stride + kernel_size
+    return int(length)
+
+
 def rescale_conv(conv: nn.Module, reference: float) -> None:
     """Divide a convolution's weight and bias by sqrt(std(weight) / reference).
 
@@ -47,7 +60,11 @@ class BLSTM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(2, 0, 1)  # (batch, channels, time) -> (time, batch, channels)
-        x = self.lstm(x)[0]
+        # fp32 under any autocast: on CUDA, autocast sends the cuDNN RNN to fp16 even when bf16 was
+        # asked for, with no loss scaler to keep its small gradients in range. The LSTM runs ~109
+        # latency-bound steps, so full precision costs little.
+        with torch.autocast(x.device.type, enabled=False):
+            x = self.lstm(x.float())[0]
         x = self.linear(x)
         return x.permute(1, 2, 0)
 
@@ -137,13 +154,9 @@ class Demucs(nn.Module):
 
         The output for such an input is slightly longer than `length`; center-trim it.
         """
-        for _ in range(self.depth):
-            length = math.ceil((length - self.kernel_size) / self.stride) + 1
-            length = max(1, length)
-            length += self.context - 1
-        for _ in range(self.depth):
-            length = (length - 1) * self.stride + self.kernel_size
-        return int(length)
+        return valid_length(
+            length, depth=self.depth, kernel_size=self.kernel_size, stride=self.stride, context=self.context
+        )
 
     def forward(self, mix: torch.Tensor) -> torch.Tensor:
         x = mix

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from . import SOURCES
+
 # A dark-to-bright colour ramp (black, purple, orange, pale yellow) for spectrograms.
 _RAMP = torch.tensor([[0.0, 0.0, 0.02], [0.45, 0.1, 0.5], [0.95, 0.45, 0.15], [1.0, 1.0, 0.75]])
 
@@ -38,3 +40,27 @@ def spectrogram_image(rows: list[torch.Tensor], n_fft: int = 2048, hop: int = 51
         picture = _colorize(1 + db.clamp(min=-floor_db) / floor_db).flip(1)
         pictures += [picture, torch.ones(3, 2, picture.size(-1))]
     return torch.cat(pictures[:-1], dim=1)
+
+
+def log_separation(writer, song, estimates: torch.Tensor, step: int, seconds: float = 10.0) -> None:
+    """Audio of a validation song's mixture, estimates and references, and their spectrograms.
+
+    `song` has normalised `mix` (channels, time) and `sources` (sources, channels, time) and the
+    `mean` and `std` that undo the normalisation; `writer.samplerate` is the audio's rate.
+    """
+    rate = writer.samplerate
+    length = min(song.mix.size(-1), int(seconds * rate))
+    start = (song.mix.size(-1) - length) // 2
+
+    def audio(x: torch.Tensor) -> torch.Tensor:  # undo the normalisation, keep the excerpt
+        return mono(x[..., start : start + length].float().cpu() * song.std + song.mean)
+
+    mix = audio(song.mix)
+    writer.add_audio("separation/mixture", mix, step, sample_rate=rate)
+    rows = [mix]
+    for index, name in enumerate(SOURCES):
+        estimate, reference = audio(estimates[index]), audio(song.sources[index])
+        writer.add_audio(f"separation/{name}_estimate", estimate, step, sample_rate=rate)
+        writer.add_audio(f"separation/{name}_reference", reference, step, sample_rate=rate)
+        rows += [estimate, reference]
+    writer.add_image("separation/spectrograms", spectrogram_image(rows), step)  # mix, then estimate/reference

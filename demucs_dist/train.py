@@ -4,6 +4,9 @@ up to a global batch, validation on whole songs, TensorBoard, checkpoints and au
     accelerate launch --config_file accelerate_config.yaml -m demucs_dist.train --shards shards --logdir runs/demucs
 
 Relaunching the same command resumes from the newest checkpoint in --logdir.
+
+Reading order: `train` (one screen: set-up, resume, the epoch loop), `train_one_epoch` and
+`train_step` (the loop a single-device script would have), `validate`, then the set-up helpers.
 """
 
 from __future__ import annotations
@@ -11,12 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
-import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,47 +29,19 @@ from tqdm import tqdm
 
 from . import SOURCES
 from .apply import apply_model
+from .checkpoint import Checkpoints, Progress, RunLock, weights_are_finite
 from .config import ModelConfig, option, parse
 from .data.augment import AugmentConfig
 from .data.loader import LoaderConfig, examples_per_epoch, read_manifest, train_loader, valid_songs
 from .distributed import make_accelerator
 from .errors import UserError, run_main
+from .faults import Faults
 from .files import atomic_path
 from .model import Demucs, center_trim
 from .modelfile import save_model
-from .tblog import mono, spectrogram_image
+from .tblog import log_separation
 
-CHECKPOINT_PREFIX = "step-"
-
-# Fault injection for the reliability tests (tests/test_reliability.py), off unless these are set:
-#   DEMUCS_DIST_FAULT_NAN_STEPS="3,4"     the loss is NaN on every rank in optimizer steps 3 and 4
-#   DEMUCS_DIST_FAULT_KILL="1:5[:MARKER]"  rank 1 SIGKILLs itself after optimizer step 5 (once: if
-#                                          MARKER is given, only while that file does not exist; it creates it)
-#   DEMUCS_DIST_FAULT_KILL_IN_SAVE="0:4"  rank 0 SIGKILLs itself inside the checkpoint save of step 4,
-#                                          after the state files are written and before the rename
-FAULT_NAN_STEPS = "DEMUCS_DIST_FAULT_NAN_STEPS"
-FAULT_KILL = "DEMUCS_DIST_FAULT_KILL"
-FAULT_KILL_IN_SAVE = "DEMUCS_DIST_FAULT_KILL_IN_SAVE"
-
-
-def _fault_nan_steps() -> set[int]:
-    return {int(step) for step in os.environ.get(FAULT_NAN_STEPS, "").split(",") if step.strip()}
-
-
-def _fault_kill(rank: int, step: int, env: str = FAULT_KILL) -> None:
-    """Test hook: SIGKILL this process (no cleanup, like the OOM killer) where `env` says so."""
-    spec = os.environ.get(env)
-    if not spec:
-        return
-    wanted_rank, wanted_step, *marker = spec.split(":", 2)
-    if (int(wanted_rank), int(wanted_step)) != (rank, step):
-        return
-    if marker:
-        if os.path.exists(marker[0]):
-            return
-        Path(marker[0]).touch()
-    print(f"fault injection: rank {rank} kills itself at step {step}", file=sys.stderr, flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)
+VALID_MAX_SAMPLES = 15_000_000  # validation uses each song's first 15M samples, as the 2019 code did
 
 
 @dataclass
@@ -89,14 +61,21 @@ class TrainConfig:
     lr: float = option(3e-4, "Adam learning rate (constant)")
     seed: int = option(42, "seed of the model's initialisation, the data order and the augmentation")
     valid_every: int = option(1, "validate every N epochs (and after the last one)")
+    valid_segment: float = option(
+        0.0, "validate in chunks of this many seconds (0 = each song in one pass, the paper's protocol)"
+    )
     mixed_precision: str = option(
         "auto",
-        "autocast dtype; auto = the launcher's setting; fp16 needs a GPU",
+        "autocast dtype of the training step (validation always runs in fp32); auto = the launcher's setting; "
+        "fp16 needs a GPU",
         choices=["auto", "no", "bf16", "fp16"],
     )
     workers: int = option(2, "data loader worker processes per device")
     checkpoint_every: int = option(0, "also checkpoint every N optimizer steps (0 = at epoch ends only)")
-    keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep")
+    checkpoint_minutes: float = option(
+        0.0, "checkpoint at an epoch's end only when this many minutes passed since the last one (0 = every epoch)"
+    )
+    keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep (at least 1)")
     activation_checkpointing: bool = option(False, "recompute encoder/decoder activations in backward (less memory)")
     compile: bool = option(False, "torch.compile the model (GPU; slow first steps)")
     max_nonfinite: int = option(20, "stop after this many consecutive steps with non-finite gradients (each skipped)")
@@ -105,15 +84,409 @@ class TrainConfig:
 
 
 @dataclass
-class Progress:
-    """What a checkpoint records besides model/optimizer/RNG: where training stands."""
+class Run:
+    """Everything one training run holds once `start_run` has set it up."""
 
-    epoch: int = 0  # epochs fully done
-    batch: int = 0  # micro-batches done in the current epoch (mid-epoch checkpoints)
-    step: int = 0  # optimizer steps done in all
-    best_valid: float = math.inf
-    best_epoch: int = -1
-    skipped_steps: int = 0  # non-finite steps skipped in all
+    cfg: TrainConfig
+    augment: AugmentConfig
+    loader_cfg: LoaderConfig
+    accelerator: Accelerator
+    manifest: dict
+    device_batch: int
+    accumulation: int
+    steps_per_epoch: int
+    segment_samples: int  # the model's input length
+    model: torch.nn.Module  # what the training step runs (DDP, maybe compiled)
+    bare_model: Demucs  # the same parameters, unwrapped: validation and model files
+    optimizer: torch.optim.Optimizer
+    checkpoints: Checkpoints
+    progress: Progress
+    run_dir: Path
+    writer: object | None  # TensorBoard SummaryWriter on rank 0
+    lock: RunLock | None
+    faults: Faults | None
+    consecutive_nonfinite: int = 0
+    bad_shards: int = 0  # unreadable shards this rank skipped (--on-bad-shard skip)
+
+    def say(self, text: str) -> None:
+        self.accelerator.print(text)
+
+
+def train(
+    model_cfg: ModelConfig, cfg: TrainConfig, augment: AugmentConfig, loader_cfg: LoaderConfig | None = None
+) -> tuple[Progress, Demucs]:
+    """Run (or resume) a training run; returns where it ended and this process's trained model."""
+    run = start_run(model_cfg, cfg, augment, loader_cfg or LoaderConfig())
+    try:
+        if run.progress.epoch >= cfg.epochs:
+            run.say(f"{run.run_dir} has finished its {cfg.epochs} epochs already (raise --epochs, or --restart)")
+        while run.progress.epoch < cfg.epochs:
+            started = time.perf_counter()
+            train_loss = train_one_epoch(run)
+            valid = validate(run) if validation_due(run) else math.nan
+            end_epoch(run, train_loss, valid, time.perf_counter() - started)
+        run.accelerator.wait_for_everyone()
+    finally:
+        finish_run(run)
+    return run.progress, run.bare_model
+
+
+# ---------------------------------------------------------------------------------------------
+# One epoch, one step
+
+
+def train_one_epoch(run: Run) -> float:
+    """One epoch of optimizer steps (continuing mid-epoch after a resume); returns the mean
+    training loss over its steps with finite gradients, all ranks together."""
+    progress, accelerator = run.progress, run.accelerator
+    done_steps = progress.examples // run.cfg.global_batch  # steps of this epoch already trained (resume)
+    batches = epoch_batches(run)
+    meter = StepMeter(run, initial=done_steps)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    finite_steps = 0
+    try:  # close the progress bar before an error is printed, so the error is a line of its own
+        for index, micro_batches in enumerate(steps_of(batches, run.accumulation)):
+            if index < done_steps:  # resuming mid-epoch: the loader replays the epoch's order
+                meter.restart_clock()
+                continue
+            meter.data_ready()
+            loss, grad_norm, finite = train_step(run, micro_batches)
+            progress.step += 1
+            progress.examples += run.cfg.global_batch
+            if finite:
+                loss_sum += loss
+                finite_steps += 1
+            meter.step_done(loss, grad_norm)
+            check_nonfinite_streak(run, finite)
+            if run.cfg.checkpoint_every and progress.step % run.cfg.checkpoint_every == 0:
+                if index + 1 < run.steps_per_epoch:  # the epoch's end saves anyway
+                    run.checkpoints.save(accelerator, progress, run.bare_model)
+            if run.faults:
+                run.faults.after_step(progress.step)
+    finally:
+        meter.close()
+    run.bad_shards += batches.bad_shards
+    return accelerator.reduce(loss_sum, reduction="mean").item() / max(1, finite_steps)
+
+
+def train_step(run: Run, micro_batches: list) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """One optimizer step over this process's micro-batches: forward and backward each (DDP
+    all-reduces the gradients with the last one), then Adam, unless the gradients are not finite.
+
+    Returns (loss averaged over the micro-batches, gradient norm, whether the step was applied).
+    """
+    accelerator, model, optimizer = run.accelerator, run.model, run.optimizer
+    criterion = loss_function(run.cfg.loss)
+    step_loss = torch.zeros((), device=accelerator.device)
+    for mix, sources in step_inputs(run, micro_batches):
+        with accelerator.accumulate(model):
+            with accelerator.autocast():  # mixed precision here only: validation runs in fp32
+                estimates = model(mix)
+                loss = criterion(estimates, center_trim(sources, estimates))
+            if run.faults:
+                loss = run.faults.poison(loss, run.progress.step + 1)
+            accelerator.backward(loss)
+            step_loss += loss.detach() / len(micro_batches)
+    # Gradients are all-reduced by now: every rank sees the same norm and takes the same branch.
+    accelerator.unscale_gradients()  # fp16: measure the true gradients
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm(grads)  # measure only: no clipping pass
+    finite = bool(torch.isfinite(grad_norm))
+    if finite or accelerator.scaler is not None:  # fp16: the loss scaler skips overflows itself
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    applied = finite and not accelerator.optimizer_step_was_skipped
+    return step_loss, grad_norm, applied
+
+
+def step_inputs(run: Run, micro_batches: list) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The (mixture, sources) pairs of one optimizer step, on the device."""
+    device = run.accelerator.device
+    for mix, sources in micro_batches:
+        yield mix.to(device, non_blocking=True), sources.to(device, non_blocking=True)
+
+
+def steps_of(batches, accumulation: int) -> Iterator[list]:
+    """Group a stream of micro-batches into the lists that make one optimizer step each."""
+    group: list = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == accumulation:
+            yield group
+            group = []
+
+
+def check_nonfinite_streak(run: Run, applied: bool) -> None:
+    """Count skipped steps; stop after --max-nonfinite in a row (every rank decides alike)."""
+    run.progress.skipped_steps += not applied
+    run.consecutive_nonfinite = 0 if applied else run.consecutive_nonfinite + 1
+    if run.consecutive_nonfinite >= run.cfg.max_nonfinite:
+        raise UserError(
+            f"{run.consecutive_nonfinite} steps in a row had non-finite gradients (step {run.progress.step}); "
+            "stopping. The last checkpoint holds finite weights; try a lower --lr or --mixed-precision no"
+        )
+
+
+class StepMeter:
+    """Timing, TensorBoard scalars and the progress bar of the training steps of one epoch."""
+
+    def __init__(self, run: Run, initial: int):
+        self.run = run
+        self.bar = tqdm(
+            total=run.steps_per_epoch,
+            initial=initial,
+            desc=f"epoch {run.progress.epoch + 1}",
+            disable=not run.accelerator.is_main_process,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.step_start = time.perf_counter()
+        self.wait = 0.0
+
+    def data_ready(self) -> None:
+        self.wait = time.perf_counter() - self.step_start
+
+    def step_done(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        run = self.run
+        step_loss = run.accelerator.reduce(loss, reduction="mean").item()
+        seconds = time.perf_counter() - self.step_start
+        if run.writer is not None:
+            step = run.progress.step
+            scalars = {
+                "train/loss": step_loss,
+                "train/lr": run.optimizer.param_groups[0]["lr"],
+                "train/grad_norm": grad_norm.item(),
+                "train/examples_per_s": run.cfg.global_batch / seconds,
+                "train/data_wait_fraction": self.wait / seconds,
+                "train/skipped_steps": run.progress.skipped_steps,
+            }
+            for tag, value in scalars.items():
+                run.writer.add_scalar(tag, value, step)
+            self.bar.set_postfix(loss=f"{step_loss:.4f}")
+        self.bar.update(1)
+        self.restart_clock()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and the end of an epoch
+
+
+def validation_due(run: Run) -> bool:
+    epoch = run.progress.epoch + 1  # the epoch that just ended (end_epoch counts it)
+    return epoch % run.cfg.valid_every == 0 or epoch == run.cfg.epochs
+
+
+@torch.no_grad()
+def validate(run: Run) -> float:
+    """Mean over all validation songs of the per-song loss, in fp32, songs split across ranks.
+
+    The 2019 protocol: each song whole in one pass, no shifts, no autocast (accelerate's autocast
+    wrapper was taken off the model in `prepare_model`), so the loss that picks best.th is the
+    paper's. --valid-segment chunks long songs for small devices instead.
+    """
+    model, accelerator, cfg = run.bare_model, run.accelerator, run.cfg
+    model.eval()
+    criterion = loss_function(cfg.loss)
+    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)  # sum of song losses, songs
+    rank, world = accelerator.process_index, accelerator.num_processes
+    for index, song in enumerate(valid_songs(cfg.shards, run.manifest, rank=rank, world_size=world)):
+        # The 2019 code's bound on a validation song's length (~340 s): a predictable peak memory.
+        mix = song.mix[..., :VALID_MAX_SAMPLES].to(accelerator.device)
+        sources = song.sources[..., :VALID_MAX_SAMPLES].to(accelerator.device)
+        split = cfg.valid_segment > 0
+        estimates = apply_model(model, mix, shifts=0, split=split, segment=cfg.valid_segment or 1.0, overlap=0.25)
+        total += torch.stack([criterion(estimates, sources).double(), torch.ones((), device=total.device)])
+        if run.writer is not None and index == 0 and cfg.log_audio:
+            log_separation(run.writer, song, estimates, run.progress.step)
+    total = accelerator.reduce(total, reduction="sum")
+    model.train()
+    if total[1] == 0:
+        raise UserError("the shards hold no validation songs")
+    return (total[0] / total[1]).item()
+
+
+def end_epoch(run: Run, train_loss: float, valid: float, seconds: float) -> None:
+    """Count the epoch, keep the best model, checkpoint, and report the epoch."""
+    progress, accelerator = run.progress, run.accelerator
+    progress.epoch, progress.examples = progress.epoch + 1, 0
+    if valid < progress.best_valid:
+        progress.best_valid, progress.best_epoch = valid, progress.epoch
+        if accelerator.is_main_process:
+            export(run, run.run_dir / "best.th")
+    last_epoch = progress.epoch == run.cfg.epochs
+    if last_epoch or run.checkpoints.due(accelerator):
+        if accelerator.is_main_process:
+            export(run, run.run_dir / "last.th")
+        run.checkpoints.save(accelerator, progress, run.bare_model)
+    bad_shards = accelerator.reduce(torch.tensor(float(run.bad_shards), device=accelerator.device), "sum").item()
+    if run.writer is not None:
+        run.writer.add_scalar("epoch/train_loss", train_loss, progress.step)
+        run.writer.add_scalar("epoch/epoch", progress.epoch, progress.step)
+        run.writer.add_scalar("train/bad_shards", bad_shards, progress.step)
+        if not math.isnan(valid):
+            run.writer.add_scalar("valid/loss", valid, progress.step)
+            run.writer.add_scalar("valid/best", progress.best_valid, progress.step)
+        run.writer.flush()
+    valid_text = "-" if math.isnan(valid) else f"{valid:.4f}"
+    best_text = "-" if progress.best_epoch < 0 else f"{progress.best_valid:.4f} (epoch {progress.best_epoch})"
+    speed = run.steps_per_epoch * run.cfg.global_batch / seconds
+    run.say(
+        f"epoch {progress.epoch}/{run.cfg.epochs} | train {train_loss:.4f} | valid {valid_text} | "
+        f"best {best_text} | {speed:.1f} examples/s | {seconds:.1f} s"
+    )
+
+
+def export(run: Run, path: Path) -> None:
+    """Write a self-describing model file; refuse to write non-finite weights."""
+    progress = run.progress
+    if not weights_are_finite(run.bare_model):
+        raise UserError(f"the model's weights are not finite at epoch {progress.epoch}; {path} was not written")
+    save_model(
+        run.bare_model,
+        path,
+        epoch=progress.epoch,
+        step=progress.step,
+        best_valid=progress.best_valid,
+        loss=run.cfg.loss,
+        segment=run.cfg.segment,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up and tear-down
+
+
+def start_run(model_cfg: ModelConfig, cfg: TrainConfig, augment: AugmentConfig, loader_cfg: LoaderConfig) -> Run:
+    """Accelerator, batch plan, run folder, model, optimizer, resume, TensorBoard."""
+    accelerator = make_accelerator(None if cfg.mixed_precision == "auto" else cfg.mixed_precision, cfg.timeout)
+    world = accelerator.num_processes
+    device_batch, accumulation = plan_batches(cfg.global_batch, world, cfg.max_device_batch)
+    accelerator.gradient_accumulation_steps = accumulation
+    manifest = read_manifest(cfg.shards)
+    check_shards_fit_model(manifest, model_cfg)
+    examples = (cfg.epoch_size or examples_per_epoch(manifest)) * cfg.repeat
+    steps_per_epoch = examples // cfg.global_batch
+    if steps_per_epoch == 0:
+        raise UserError(f"an epoch of {examples} examples is smaller than --global-batch {cfg.global_batch}")
+    if augment.remix and device_batch < augment.remix_group:
+        accelerator.print(
+            f"note: device batch {device_batch} < Remix group {augment.remix_group}: sources are remixed "
+            f"within each device batch of {device_batch}"
+        )
+    accelerator.print(
+        f"{world} process(es) on {accelerator.device.type}, mixed precision {accelerator.mixed_precision}: "
+        f"global batch {cfg.global_batch} = {device_batch} per device x {world} x {accumulation} accumulation; "
+        f"{steps_per_epoch} steps of {examples} examples per epoch"
+    )
+
+    faults = Faults.from_env(accelerator.process_index)
+    run_dir = Path(cfg.logdir)
+    checkpoints = Checkpoints(run_dir, cfg.keep_checkpoints, cfg.checkpoint_minutes, faults)
+    lock = prepare_run_dir(accelerator, run_dir, checkpoints, model_cfg, cfg, augment, loader_cfg)
+    model, bare_model, optimizer = prepare_model(accelerator, model_cfg, cfg)
+
+    progress = checkpoints.resume(accelerator, accelerator.print)
+    writer = None
+    if accelerator.is_main_process:
+        writer = open_tensorboard(
+            run_dir, progress, model_cfg.samplerate, run_config(model_cfg, cfg, augment, loader_cfg)
+        )
+    return Run(
+        cfg=cfg,
+        augment=augment,
+        loader_cfg=loader_cfg,
+        accelerator=accelerator,
+        manifest=manifest,
+        device_batch=device_batch,
+        accumulation=accumulation,
+        steps_per_epoch=steps_per_epoch,
+        segment_samples=bare_model.valid_length(int(cfg.segment * model_cfg.samplerate)),
+        model=model,
+        bare_model=bare_model,
+        optimizer=optimizer,
+        checkpoints=checkpoints,
+        progress=progress,
+        run_dir=run_dir,
+        writer=writer,
+        lock=lock,
+        faults=faults,
+    )
+
+
+def prepare_run_dir(accelerator, run_dir, checkpoints, model_cfg, cfg, augment, loader_cfg) -> RunLock | None:
+    """Rank 0 locks the run folder, applies --restart, checks the model and writes config.json."""
+    lock = None
+    if accelerator.is_main_process:
+        lock = RunLock(run_dir)
+        lock.acquire()
+        if cfg.restart:
+            checkpoints.clear()
+        check_same_model(run_dir, model_cfg, checkpoints)
+        with atomic_path(run_dir / "config.json") as tmp:
+            tmp.write_text(json.dumps(run_config(model_cfg, cfg, augment, loader_cfg), indent=2))
+    accelerator.wait_for_everyone()
+    return lock
+
+
+def prepare_model(accelerator: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig):
+    """(model for the training step, the plain module, optimizer), seeded and wrapped for DDP."""
+    set_seed(cfg.seed)
+    bare_model = Demucs(**dataclasses.asdict(model_cfg))
+    # The plain module: torch.compile and DDP wrap this same object and share its parameters, so it
+    # is what validation runs and what best.th/last.th export (a compiled module's state_dict keys
+    # carry an "_orig_mod." prefix that a model file must not have).
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(bare_model)
+    optimizer = torch.optim.Adam(bare_model.parameters(), lr=cfg.lr, fused=accelerator.device.type == "cuda")
+    wrapped = torch.compile(bare_model) if cfg.compile else bare_model
+    model, optimizer = accelerator.prepare(wrapped, optimizer)
+    # With mixed precision, prepare() puts autocast inside the module's forward, where it would
+    # also apply to validation. Take it off: the training step autocasts explicitly.
+    if "_original_forward" in wrapped.__dict__:
+        wrapped.forward = wrapped.__dict__.pop("_original_forward")
+    return model, bare_model, optimizer
+
+
+def open_tensorboard(run_dir: Path, progress: Progress, samplerate: int, config: dict):
+    from torch.utils.tensorboard import SummaryWriter
+
+    # After a crash, events written past the checkpoint are hidden so the curves do not double back.
+    writer = SummaryWriter(str(run_dir), purge_step=progress.step + 1 if progress.step else None)
+    writer.samplerate = samplerate
+    writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
+    return writer
+
+
+def epoch_batches(run: Run):
+    """This rank's loader for the current epoch: exactly steps_per_epoch x accumulation batches."""
+    return train_loader(
+        run.cfg.shards,
+        run.manifest,
+        segment=run.segment_samples,
+        batch_size=run.device_batch,
+        batches=run.steps_per_epoch * run.accumulation,
+        epoch=run.progress.epoch,
+        seed=run.cfg.seed,
+        rank=run.accelerator.process_index,
+        world_size=run.accelerator.num_processes,
+        workers=run.cfg.workers,
+        augment=run.augment,
+        on_bad_shard=run.loader_cfg.on_bad_shard,
+    )
+
+
+def finish_run(run: Run) -> None:
+    if run.writer is not None:
+        run.writer.close()
+    if run.lock is not None:
+        run.lock.release()
+    run.accelerator.end_training()
 
 
 def plan_batches(global_batch: int, world_size: int, max_device_batch: int) -> tuple[int, int]:
@@ -137,318 +510,6 @@ def enable_activation_checkpointing(model: Demucs) -> None:
         block.forward = lambda x, forward=block.forward: checkpoint(forward, x, use_reentrant=False)
 
 
-class Checkpoints:
-    """Accelerate states in <run>/checkpoints/step-NNNNNNNN, written under a temporary name and renamed
-    when complete, so a crash mid-save leaves the previous checkpoint as the newest one."""
-
-    def __init__(self, run_dir: Path, keep: int):
-        self.folder, self.keep = run_dir / "checkpoints", keep
-
-    def complete(self) -> list[Path]:
-        if not self.folder.is_dir():
-            return []
-        return sorted(p for p in self.folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX))
-
-    def latest(self) -> Path | None:
-        found = self.complete()
-        return found[-1] if found else None
-
-    def save(self, accelerator: Accelerator, progress: Progress, model: torch.nn.Module) -> None:
-        # Every rank holds the same weights, so every rank takes this branch together.
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise UserError(f"the weights are not finite at step {progress.step}: no checkpoint written")
-        final = self.folder / f"{CHECKPOINT_PREFIX}{progress.step:08d}"
-        partial = self.folder / f".partial-{final.name}"
-        if accelerator.is_main_process and partial.exists():
-            shutil.rmtree(partial)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(partial))  # every rank: its RNG state; rank 0: model and optimizer
-        accelerator.wait_for_everyone()
-        if os.environ.get(FAULT_KILL_IN_SAVE):
-            _fault_kill(accelerator.process_index, progress.step, FAULT_KILL_IN_SAVE)
-        if accelerator.is_main_process:
-            (partial / "progress.json").write_text(json.dumps(dataclasses.asdict(progress)))
-            if final.exists():
-                shutil.rmtree(final)
-            partial.rename(final)
-            for old in self.complete()[: -self.keep]:
-                shutil.rmtree(old)
-        accelerator.wait_for_everyone()
-
-    def load(self, accelerator: Accelerator, path: Path) -> Progress:
-        accelerator.load_state(str(path))
-        return Progress(**json.loads((path / "progress.json").read_text()))
-
-    def clear(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def validate(model: Demucs, accelerator: Accelerator, cfg: TrainConfig, manifest: dict, writer, step: int) -> float:
-    """Mean over all validation songs of the per-song loss, songs split across ranks."""
-    model.eval()
-    criterion = loss_function(cfg.loss)
-    total = torch.zeros(2, device=accelerator.device)  # sum of song losses, number of songs
-    songs = valid_songs(cfg.shards, manifest, rank=accelerator.process_index, world_size=accelerator.num_processes)
-    for index, song in enumerate(songs):
-        mix, sources = song.mix.to(accelerator.device), song.sources.to(accelerator.device)
-        with accelerator.autocast():
-            estimates = apply_model(model, mix, split=True, segment=cfg.segment)
-        total += torch.stack([criterion(estimates.float(), sources), torch.ones((), device=total.device)])
-        if writer is not None and index == 0 and cfg.log_audio:
-            log_separation(writer, song, estimates, step)
-    total = accelerator.reduce(total, reduction="sum")
-    model.train()
-    if total[1] == 0:
-        raise UserError("the shards hold no validation songs")
-    return (total[0] / total[1]).item()
-
-
-def log_separation(writer, song, estimates: torch.Tensor, step: int, seconds: float = 10.0) -> None:
-    """Audio of a validation song's mixture, estimates and references, and their spectrograms."""
-    rate = writer.samplerate
-    length = min(song.mix.size(-1), int(seconds * rate))
-    start = (song.mix.size(-1) - length) // 2
-
-    def audio(x: torch.Tensor) -> torch.Tensor:  # undo the normalisation, keep the excerpt
-        return mono(x[..., start : start + length].float().cpu() * song.std + song.mean)
-
-    mix = audio(song.mix)
-    writer.add_audio("separation/mixture", mix, step, sample_rate=rate)
-    rows = [mix]
-    for index, name in enumerate(SOURCES):
-        estimate, reference = audio(estimates[index]), audio(song.sources[index])
-        writer.add_audio(f"separation/{name}_estimate", estimate, step, sample_rate=rate)
-        writer.add_audio(f"separation/{name}_reference", reference, step, sample_rate=rate)
-        rows += [estimate, reference]
-    writer.add_image("separation/spectrograms", spectrogram_image(rows), step)  # mix, then estimate/reference
-
-
-def train(
-    model_cfg: ModelConfig, cfg: TrainConfig, augment: AugmentConfig, loader_cfg: LoaderConfig | None = None
-) -> tuple[Progress, Demucs]:
-    """Run (or resume) a training run; returns where it ended and this process's trained model."""
-    loader_cfg = loader_cfg or LoaderConfig()
-    accelerator = make_accelerator(None if cfg.mixed_precision == "auto" else cfg.mixed_precision, cfg.timeout)
-    world = accelerator.num_processes
-    device_batch, accumulation = plan_batches(cfg.global_batch, world, cfg.max_device_batch)
-    accelerator.gradient_accumulation_steps = accumulation
-    say = accelerator.print
-
-    manifest = read_manifest(cfg.shards)
-    check_shards_fit_model(manifest, model_cfg)
-    examples = (cfg.epoch_size or examples_per_epoch(manifest)) * cfg.repeat
-    steps_per_epoch = examples // cfg.global_batch
-    if steps_per_epoch == 0:
-        raise UserError(f"an epoch of {examples} examples is smaller than --global-batch {cfg.global_batch}")
-    micro_batches = steps_per_epoch * accumulation  # per process, the same on every process
-    if augment.remix and device_batch < augment.remix_group:
-        say(
-            f"note: device batch {device_batch} < Remix group {augment.remix_group}: sources are remixed "
-            f"within each device batch of {device_batch}"
-        )
-    say(
-        f"{world} process(es) on {accelerator.device.type}, mixed precision {accelerator.mixed_precision}: "
-        f"global batch {cfg.global_batch} = {device_batch} per device x {world} x {accumulation} accumulation; "
-        f"{steps_per_epoch} steps of {examples} examples per epoch"
-    )
-
-    run_dir = Path(cfg.logdir)
-    checkpoints = Checkpoints(run_dir, cfg.keep_checkpoints)
-    if accelerator.is_main_process:
-        if cfg.restart:
-            checkpoints.clear()
-        check_same_model(run_dir, model_cfg)
-        with atomic_path(run_dir / "config.json") as tmp:
-            tmp.write_text(json.dumps(run_config(model_cfg, cfg, augment, loader_cfg), indent=2))
-    accelerator.wait_for_everyone()
-
-    set_seed(cfg.seed)
-    model = Demucs(**dataclasses.asdict(model_cfg))
-    # The plain module: torch.compile and DDP wrap this same object and share its parameters, so it
-    # is what validation runs and what best.th/last.th export (a compiled module's state_dict keys
-    # carry an "_orig_mod." prefix that a model file must not have).
-    bare_model = model
-    if cfg.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    fused = accelerator.device.type == "cuda"
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=fused)
-    if cfg.compile:
-        model = torch.compile(model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-
-    progress = Progress()
-    latest = checkpoints.latest()
-    if latest is not None:
-        progress = checkpoints.load(accelerator, latest)
-        say(f"resuming from {latest} (epoch {progress.epoch}, step {progress.step})")
-
-    writer = None
-    if accelerator.is_main_process:
-        from torch.utils.tensorboard import SummaryWriter
-
-        # After a crash, events written past the checkpoint are hidden so the curves do not double back.
-        writer = SummaryWriter(str(run_dir), purge_step=progress.step + 1 if progress.step else None)
-        writer.samplerate = model_cfg.samplerate
-        config_text = json.dumps(run_config(model_cfg, cfg, augment, loader_cfg), indent=2)
-        writer.add_text("config", "```\n" + config_text + "\n```")
-
-    criterion = loss_function(cfg.loss)
-    segment = bare_model.valid_length(int(cfg.segment * model_cfg.samplerate))
-    consecutive_nonfinite = 0
-    nan_steps = _fault_nan_steps()  # test hook, empty unless DEMUCS_DIST_FAULT_NAN_STEPS is set
-    bad_shards = torch.zeros((), device=accelerator.device)  # unreadable shards skipped, this rank
-    if progress.epoch >= cfg.epochs:
-        say(f"{run_dir} has finished its {cfg.epochs} epochs already (raise --epochs to train on, or --restart)")
-    while progress.epoch < cfg.epochs:
-        epoch, epoch_start = progress.epoch, time.perf_counter()
-        batches = train_loader(
-            cfg.shards,
-            manifest,
-            segment=segment,
-            batch_size=device_batch,
-            batches=micro_batches,
-            epoch=epoch,
-            seed=cfg.seed,
-            rank=accelerator.process_index,
-            world_size=world,
-            workers=cfg.workers,
-            augment=augment,
-            on_bad_shard=loader_cfg.on_bad_shard,
-        )
-        bar = tqdm(
-            total=steps_per_epoch,
-            initial=progress.batch // accumulation,
-            desc=f"epoch {epoch + 1}",
-            disable=not accelerator.is_main_process,
-            leave=False,
-            dynamic_ncols=True,
-        )
-        epoch_loss, window_loss = torch.zeros((), device=accelerator.device), 0.0
-        epoch_steps, finite_steps, wait = 0, 0, 0.0
-        step_start = fetch_start = time.perf_counter()
-        try:  # close the progress bar before an error is printed, so the error is a line of its own
-            for index, (mix, sources) in enumerate(batches):
-                if index < progress.batch:  # resuming mid-epoch: the loader replays the epoch's order
-                    fetch_start = step_start = time.perf_counter()
-                    continue
-                wait += time.perf_counter() - fetch_start
-                mix, sources = (
-                    mix.to(accelerator.device, non_blocking=True),
-                    sources.to(accelerator.device, non_blocking=True),
-                )
-                with accelerator.accumulate(model):
-                    estimates = model(mix)
-                    loss = criterion(estimates, center_trim(sources, estimates))
-                    if progress.step + 1 in nan_steps:
-                        loss = loss * math.nan
-                    accelerator.backward(loss)
-                    window_loss = window_loss + loss.detach() / accumulation
-                    if accelerator.sync_gradients:
-                        # Gradients are all-reduced by now: every rank sees the same norm and takes the same branch.
-                        accelerator.unscale_gradients()  # fp16: measure the true gradients
-                        grads = [p.grad for p in model.parameters() if p.grad is not None]
-                        grad_norm = torch.nn.utils.get_total_norm(grads)  # measure only: no clipping pass
-                        finite = bool(torch.isfinite(grad_norm))
-                        if finite or accelerator.scaler is not None:  # fp16: the loss scaler skips overflows itself
-                            optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                progress.batch = index + 1
-                if not accelerator.sync_gradients:
-                    fetch_start = time.perf_counter()
-                    continue
-
-                skipped = not finite or accelerator.optimizer_step_was_skipped
-                consecutive_nonfinite = consecutive_nonfinite + 1 if skipped else 0
-                progress.skipped_steps += skipped
-                progress.step += 1
-                epoch_steps += 1
-                step_time = time.perf_counter() - step_start
-                if not skipped:  # a skipped step's loss may be NaN: keep it out of the epoch's mean
-                    epoch_loss += window_loss
-                    finite_steps += 1
-                step_loss = accelerator.reduce(window_loss, reduction="mean").item()
-                window_loss = 0.0
-                if writer is not None:
-                    writer.add_scalar("train/loss", step_loss, progress.step)
-                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], progress.step)
-                    writer.add_scalar("train/grad_norm", grad_norm.item(), progress.step)
-                    writer.add_scalar("train/examples_per_s", cfg.global_batch / step_time, progress.step)
-                    writer.add_scalar("train/data_wait_fraction", wait / step_time, progress.step)
-                    writer.add_scalar("train/skipped_steps", progress.skipped_steps, progress.step)
-                    bar.set_postfix(loss=f"{step_loss:.4f}")
-                bar.update(1)
-                if consecutive_nonfinite >= cfg.max_nonfinite:
-                    raise UserError(
-                        f"{consecutive_nonfinite} steps in a row had non-finite gradients (step {progress.step}); "
-                        "stopping. The last checkpoint holds finite weights; try a lower --lr or --mixed-precision no"
-                    )
-                if (
-                    cfg.checkpoint_every
-                    and progress.step % cfg.checkpoint_every == 0
-                    and progress.batch < micro_batches
-                ):
-                    checkpoints.save(accelerator, progress, bare_model)
-                _fault_kill(accelerator.process_index, progress.step)
-                wait, step_start = 0.0, time.perf_counter()
-                fetch_start = step_start
-        finally:
-            bar.close()
-
-        train_loss = accelerator.reduce(epoch_loss, reduction="mean").item() / max(1, finite_steps)
-        bad_shards += batches.bad_shards
-        all_bad_shards = accelerator.reduce(bad_shards, reduction="sum").item()
-        progress.epoch, progress.batch = epoch + 1, 0
-        last_epoch = progress.epoch == cfg.epochs
-        valid = math.nan
-        if progress.epoch % cfg.valid_every == 0 or last_epoch:
-            valid = validate(bare_model, accelerator, cfg, manifest, writer, progress.step)
-            if valid < progress.best_valid:
-                progress.best_valid, progress.best_epoch = valid, progress.epoch
-                if accelerator.is_main_process:
-                    export(bare_model, run_dir / "best.th", progress, cfg)
-        if accelerator.is_main_process:
-            export(bare_model, run_dir / "last.th", progress, cfg)
-        checkpoints.save(accelerator, progress, bare_model)
-
-        seconds = time.perf_counter() - epoch_start
-        speed = epoch_steps * cfg.global_batch / seconds
-        if writer is not None:
-            writer.add_scalar("epoch/train_loss", train_loss, progress.step)
-            writer.add_scalar("epoch/epoch", progress.epoch, progress.step)
-            writer.add_scalar("train/bad_shards", all_bad_shards, progress.step)
-            if not math.isnan(valid):
-                writer.add_scalar("valid/loss", valid, progress.step)
-                writer.add_scalar("valid/best", progress.best_valid, progress.step)
-            writer.flush()
-        valid_text = "-" if math.isnan(valid) else f"{valid:.4f}"
-        best_text = "-" if progress.best_epoch < 0 else f"{progress.best_valid:.4f} (epoch {progress.best_epoch})"
-        say(
-            f"epoch {progress.epoch}/{cfg.epochs} | train {train_loss:.4f} | valid {valid_text} | "
-            f"best {best_text} | {speed:.1f} examples/s | {seconds:.1f} s"
-        )
-
-    if writer is not None:
-        writer.close()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return progress, bare_model
-
-
-def export(model: Demucs, path: Path, progress: Progress, cfg: TrainConfig) -> None:
-    """Write a self-describing model file; refuse to write non-finite weights."""
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise UserError(f"the model's weights are not finite at epoch {progress.epoch}; {path} was not written")
-    save_model(
-        model,
-        path,
-        epoch=progress.epoch,
-        step=progress.step,
-        best_valid=progress.best_valid,
-        loss=cfg.loss,
-        segment=cfg.segment,
-    )
-
-
 def run_config(model_cfg: ModelConfig, cfg: TrainConfig, augment: AugmentConfig, loader: LoaderConfig) -> dict:
     return {
         "model": dataclasses.asdict(model_cfg),
@@ -458,12 +519,15 @@ def run_config(model_cfg: ModelConfig, cfg: TrainConfig, augment: AugmentConfig,
     }
 
 
-def check_same_model(run_dir: Path, model_cfg: ModelConfig) -> None:
+def check_same_model(run_dir: Path, model_cfg: ModelConfig, checkpoints: Checkpoints) -> None:
     """Resuming a run with another model would fail deep inside load_state; say it plainly."""
     saved = run_dir / "config.json"
-    if not saved.is_file() or not Checkpoints(run_dir, 0).latest():
+    if not saved.is_file() or not checkpoints.complete():
         return
-    before = json.loads(saved.read_text())["model"]
+    try:
+        before = json.loads(saved.read_text())["model"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{saved} is not a run configuration written by demucs-dist train") from None
     changed = {k: (before.get(k), v) for k, v in dataclasses.asdict(model_cfg).items() if before.get(k) != v}
     if changed:
         detail = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())

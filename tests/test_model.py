@@ -104,3 +104,16 @@ def test_model_file_rejects_other_files(tmp_path):
         load_model(not_model)
     with pytest.raises(UserError, match="not found"):
         load_model(tmp_path / "missing.th")
+
+
+def test_blstm_runs_in_fp32_under_bf16_autocast():
+    """Autocast would run the LSTM in reduced precision (cuDNN: fp16 even for bf16, unscaled)."""
+    model = Demucs(channels=4, depth=3, lstm_layers=1)
+    seen = []
+    model.lstm.lstm.register_forward_hook(
+        lambda module, inputs, output: seen.append((inputs[0].dtype, output[0].dtype))
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(1, 2, model.valid_length(4096)))
+    assert seen == [(torch.float32, torch.float32)]
+    assert out.dtype == torch.bfloat16  # the rest of the network does run in bf16

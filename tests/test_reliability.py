@@ -1,14 +1,13 @@
 """Faults that training must survive (issue #7), each in real processes on CPU.
 
-Faults are injected through the trainer's test hooks (environment variables documented at the top
-of demucs_dist/train.py): a NaN loss at chosen steps, a rank that SIGKILLs itself after a step,
+Faults are injected through the trainer's test hooks (environment variables documented in
+demucs_dist/faults.py): a NaN loss at chosen steps, a rank that SIGKILLs itself after a step,
 and a SIGKILL inside a checkpoint save. docs/reliability.md lists what each test shows.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -19,11 +18,10 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from helpers import TINY, cpu_env, launch_command, output, run, scalars
 
 from demucs_dist.modelfile import load_model
 
-BIN = Path(sys.executable).parent
-TINY = ["--channels", "4", "--depth", "3", "--lstm-layers", "1", "--segment", "0.5", "--shift", "0.25"]
 # 16 examples a pass, --repeat 3: 6 optimizer steps of 8 examples per epoch; a short timeout so a
 # hang would show as a failure within seconds, not the default 10 minutes.
 FAST = ["--global-batch", "8", "--max-device-batch", "2", "--workers", "1", "--timeout", "20", "--no-log-audio"]
@@ -37,28 +35,15 @@ def train(
 ):
     """Run `demucs-dist train` (1 plain process, or 2 under accelerate launch / torchrun); returns
     (CompletedProcess, seconds)."""
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", **(fault or {}))
-    port = str(29500 + (os.getpid() + 7) % 1000)  # apart from test_train's port
-    options = ["--shards", str(shards), "--logdir", str(logdir), *TINY, *FAST, "--epochs", "1", "--repeat", "3"]
-    if processes == 1:
-        command = [sys.executable, "-m", "demucs_dist.train"]
-    elif launcher == "accelerate":
-        env["DEMUCS_DIST_NPROC"] = str(processes)
-        command = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes),
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", port, "-m", "demucs_dist.train"]  # fmt: skip
-    else:
-        # The default (static) rendezvous: its store outlives a restart, which is where restarted
-        # workers used to find the dead round's addresses (distributed.join_restarted_group).
-        command = [str(BIN / "torchrun"), "--nproc_per_node", str(processes), "--max_restarts", "1",
-                   "--master_port", port, "-m", "demucs_dist.train"]  # fmt: skip
+    env = cpu_env(processes if launcher == "accelerate" else None, **(fault or {}))
+    options = ["--shards", shards, "--logdir", logdir, *TINY, *FAST, "--epochs", "1", "--repeat", "3"]
+    # torchrun's default (static) rendezvous: its store outlives a restart, which is where restarted
+    # workers used to find the dead round's addresses (distributed.join_restarted_group).
+    command = launch_command(["-m", "demucs_dist.train", *options, *extra], processes,
+                             launcher="python" if processes == 1 else launcher)  # fmt: skip
     start = time.monotonic()
-    result = subprocess.run([*command, *options, *extra], env=env, capture_output=True, text=True, timeout=HANG_BOUND)
+    result = run(command, env, timeout=HANG_BOUND)
     return result, time.monotonic() - start
-
-
-def output(result) -> str:
-    return result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def checkpoints(logdir: Path) -> list[str]:
@@ -72,15 +57,7 @@ def adam_steps(checkpoint: Path) -> set[int]:
 
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(checkpoint / "model.safetensors")
-
-
-def scalars(logdir: Path, tag: str) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    return [(e.step, e.value) for e in EventAccumulator(str(logdir)).Reload().Scalars(tag)]
+    return torch.load(checkpoint / "pytorch_model.bin", weights_only=True)
 
 
 def test_nonfinite_steps_are_skipped_and_counted(synth_shards, tmp_path):

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY, cpu_env, launch_command, run, scalars
 
 from demucs_dist.data.loader import examples_per_epoch, read_manifest
 from demucs_dist.modelfile import load_model
 
 PROBE = Path(__file__).with_name("train_probe.py")
-TINY = ["--channels", "4", "--depth", "3", "--lstm-layers", "1", "--segment", "0.5", "--shift", "0.25"]
 # global batch 8 over 2 processes holding at most 2 each: gradient accumulation 2
 BATCHING = ["--global-batch", "8", "--max-device-batch", "2", "--workers", "1", "--timeout", "60"]
 SCALARS = [
@@ -28,20 +25,16 @@ SCALARS = [
 ]
 
 
-def launch(args: list[str], processes: int = 2, cpu_flag: bool = False, expect: int | None = None, timeout=240):
+def launch(args: list[str], processes: int = 2, cpu_flag: bool = False, expect: int | None = None, env=None):
     """accelerate launch with `processes` CPU processes; returns the CompletedProcess."""
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", DEMUCS_DIST_NPROC=str(expect or processes))
-    accelerate = Path(sys.executable).with_name("accelerate")
-    mode = ["--cpu"] if cpu_flag else ["--multi_gpu"]
-    port = str(29500 + os.getpid() % 1000)
-    command = [str(accelerate), "launch", *mode, "--num_processes", str(processes), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port, *args]  # fmt: skip
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    command = launch_command(args, processes, cpu_flag=cpu_flag)
+    return run(command, cpu_env(expect or processes, **(env or {})))
 
 
-def run_probe(out: Path, shards: Path, logdir: Path, *extra: str):
+def run_probe(out: Path, shards: Path, logdir: Path, *extra: str, env: dict | None = None):
     out.mkdir(parents=True, exist_ok=True)
-    result = launch([str(PROBE), str(out), "--shards", str(shards), "--logdir", str(logdir), *TINY, *BATCHING, *extra])
+    args = [str(PROBE), str(out), "--shards", str(shards), "--logdir", str(logdir), *TINY, *BATCHING, *extra]
+    result = launch(args, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result, [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
 
@@ -108,9 +101,7 @@ def test_resume_after_epoch_one_ends_with_the_same_weights(two_epochs, synth_sha
     for name, tensor in uninterrupted["state"].items():
         assert torch.equal(tensor, rank0["state"][name]), name
     # TensorBoard shows each step once across the two launches.
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    steps = [e.step for e in EventAccumulator(str(run)).Reload().Scalars("train/loss")]
+    steps = [step for step, _ in scalars(run, "train/loss")]
     assert steps == list(range(1, rank0["step"] + 1))
 
 
@@ -121,13 +112,17 @@ def test_world_size_mismatch_fails_loudly(tmp_path):
     assert "launched as 2 processes but running as 1" in result.stderr
 
 
+def single_step_command(shards: Path, logdir: Path, *extra: str) -> list:
+    """One process, one optimizer step of 2 examples, then a validation."""
+    options = ["--global-batch", "2", "--max-device-batch", "2", "--workers", "0", "--epochs", "1",
+               "--epoch-size", "2", "--repeat", "1", "--no-log-audio"]  # fmt: skip
+    command = ["-m", "demucs_dist.train", "--shards", shards, "--logdir", logdir, *TINY, *options, *extra]
+    return launch_command(command, launcher="python")
+
+
 def test_bf16_autocast_runs_on_cpu(synth_shards, tmp_path):
     """bf16 is allowed on CPU (fp16 is refused: see test_train_plan); one step and a validation."""
-    env = dict(os.environ, ACCELERATE_USE_CPU="1")
-    command = [sys.executable, "-m", "demucs_dist.train", "--shards", str(synth_shards), "--logdir", str(tmp_path),
-               *TINY, "--global-batch", "2", "--max-device-batch", "2", "--workers", "0", "--epochs", "1",
-               "--epoch-size", "2", "--repeat", "1", "--mixed-precision", "bf16", "--no-log-audio"]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    result = run(single_step_command(synth_shards, tmp_path, "--mixed-precision", "bf16"), cpu_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mixed precision bf16" in result.stdout and "epoch 1/1" in result.stdout
     assert load_model(tmp_path / "best.th").kwargs["channels"] == 4
@@ -135,11 +130,7 @@ def test_bf16_autocast_runs_on_cpu(synth_shards, tmp_path):
 
 def test_compiled_model_exports_a_loadable_model_file(synth_shards, tmp_path):
     """--compile wraps the model; best.th must still hold the plain Demucs weights."""
-    env = dict(os.environ, ACCELERATE_USE_CPU="1")
-    command = [sys.executable, "-m", "demucs_dist.train", "--shards", str(synth_shards), "--logdir", str(tmp_path),
-               *TINY, "--global-batch", "2", "--max-device-batch", "2", "--workers", "0", "--epochs", "1",
-               "--epoch-size", "2", "--repeat", "1", "--compile", "--no-log-audio"]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = run(single_step_command(synth_shards, tmp_path, "--compile"), cpu_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     model = load_model(tmp_path / "best.th")
     assert model.kwargs["channels"] == 4
