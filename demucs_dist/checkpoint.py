@@ -33,12 +33,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
+from .ema import EMA
 from .errors import UserError
 from .faults import Faults
 
 PREFIX = "step-"
 PARTIAL_PREFIX = ".partial-"
 PROGRESS_FILE = "progress.json"
+EMA_FILE = "ema.pt"  # our own file, read with weights_only (accelerate's custom objects are unpickled)
 OURS = re.compile(rf"^({re.escape(PARTIAL_PREFIX)})?{PREFIX}\d{{8}}$")  # the only names this module writes
 
 
@@ -128,7 +130,9 @@ class Checkpoints:
         decision = [time.monotonic() - self.last_save >= self.minutes * 60]
         return bool(broadcast_object_list(decision)[0])
 
-    def save(self, accelerator: Accelerator, progress: Progress, model: torch.nn.Module) -> None:
+    def save(
+        self, accelerator: Accelerator, progress: Progress, model: torch.nn.Module, ema: EMA | None = None
+    ) -> None:
         """Every rank together: write the state under a temporary name, then rank 0 renames it."""
         # Every rank holds the same weights, so every rank takes this branch together.
         if not weights_are_finite(model):
@@ -144,6 +148,8 @@ class Checkpoints:
         if self.faults:
             self.faults.in_save(accelerator.process_index, progress.step)
         if accelerator.is_main_process:
+            if ema is not None:  # the same on every rank: rank 0 writes it
+                torch.save(ema.state_dict(), partial / EMA_FILE)
             (partial / PROGRESS_FILE).write_text(json.dumps(dataclasses.asdict(progress)))
             if final.exists():
                 shutil.rmtree(final)
@@ -153,8 +159,9 @@ class Checkpoints:
         accelerator.wait_for_everyone()
         self.last_save = time.monotonic()
 
-    def resume(self, accelerator: Accelerator, say) -> Progress:
-        """Load the newest checkpoint every rank can read, as rank 0 lists them (a new Progress if none).
+    def resume(self, accelerator: Accelerator, say) -> tuple[Progress, Path | None]:
+        """Load the newest checkpoint every rank can read, as rank 0 lists them; returns where training
+        stands and the checkpoint's folder (a new Progress and None if there is none).
 
         A checkpoint that fails to load on any rank (truncated by a full disk, say) is passed over
         for the one before it, with a line that says so.
@@ -170,11 +177,20 @@ class Checkpoints:
             failed = torch.tensor(float(bool(error)), device=accelerator.device)
             if accelerator.reduce(failed, reduction="sum").item() == 0:
                 say(f"resuming from {path} (epoch {progress.epoch}, step {progress.step})")
-                return progress
+                return progress, path
             say(f"warning: checkpoint {path} cannot be loaded ({error or 'on another rank'}): trying the one before it")
         if candidates[0]:
             raise UserError(f"no checkpoint in {self.folder} can be loaded; use --restart to start over")
-        return Progress()
+        return Progress(), None
+
+    def load_ema(self, path: Path | None, ema: EMA, say) -> None:
+        """The averages saved with checkpoint `path`; without any (EMA switched on in a resumed run)
+        they start from the resumed weights, as they were built."""
+        if path is not None and (path / EMA_FILE).is_file():
+            device = ema.shadows[next(iter(ema.shadows))][0].device
+            ema.load_state_dict(torch.load(path / EMA_FILE, map_location=device, weights_only=True))
+        elif path is not None:
+            say(f"note: {path} holds no weight averages: they start from the resumed weights")
 
     def clear(self) -> None:
         """--restart: delete the checkpoints this program wrote, and nothing else."""

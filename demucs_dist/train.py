@@ -11,9 +11,9 @@ Reading order: `train` (one screen: set-up, resume, the epoch loop), `train_one_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -34,6 +34,7 @@ from .config import ModelConfig, option, parse
 from .data.augment import AugmentConfig
 from .data.loader import LoaderConfig, examples_per_epoch, read_manifest, train_loader, valid_songs
 from .distributed import make_accelerator
+from .ema import EMA
 from .errors import UserError, run_main
 from .faults import Faults
 from .files import atomic_path
@@ -81,6 +82,11 @@ class TrainConfig:
     max_nonfinite: int = option(20, "stop after this many consecutive steps with non-finite gradients (each skipped)")
     timeout: float = option(600.0, "seconds a process waits for the others before the whole job fails")
     log_audio: bool = option(True, "log audio and a spectrogram of one validation song to TensorBoard")
+    ema: list[float] = option(
+        [],
+        "decays of exponential moving averages of the weights (e.g. 0.999 0.9999), each validated next to "
+        "the raw weights; best.th takes the best of them (default: none, as in the paper)",
+    )
 
 
 @dataclass
@@ -105,6 +111,7 @@ class Run:
     writer: object | None  # TensorBoard SummaryWriter on rank 0
     lock: RunLock | None
     faults: Faults | None
+    ema: EMA | None  # weight averages (--ema), the same on every rank
     consecutive_nonfinite: int = 0
     bad_shards: int = 0  # unreadable shards this rank skipped (--on-bad-shard skip)
 
@@ -114,8 +121,8 @@ class Run:
 
 def train(
     model_cfg: ModelConfig, cfg: TrainConfig, augment: AugmentConfig, loader_cfg: LoaderConfig | None = None
-) -> tuple[Progress, Demucs]:
-    """Run (or resume) a training run; returns where it ended and this process's trained model."""
+) -> Run:
+    """Run (or resume) a training run; returns it as it ended (progress, this process's model, averages)."""
     run = start_run(model_cfg, cfg, augment, loader_cfg or LoaderConfig())
     try:
         if run.progress.epoch >= cfg.epochs:
@@ -123,12 +130,12 @@ def train(
         while run.progress.epoch < cfg.epochs:
             started = time.perf_counter()
             train_loss = train_one_epoch(run)
-            valid = validate(run) if validation_due(run) else math.nan
+            valid = validate_all(run) if validation_due(run) else {}
             end_epoch(run, train_loss, valid, time.perf_counter() - started)
         run.accelerator.wait_for_everyone()
     finally:
         finish_run(run)
-    return run.progress, run.bare_model
+    return run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +167,7 @@ def train_one_epoch(run: Run) -> float:
             check_nonfinite_streak(run, finite)
             if run.cfg.checkpoint_every and progress.step % run.cfg.checkpoint_every == 0:
                 if index + 1 < run.steps_per_epoch:  # the epoch's end saves anyway
-                    run.checkpoints.save(accelerator, progress, run.bare_model)
+                    run.checkpoints.save(accelerator, progress, run.bare_model, run.ema)
             if run.faults:
                 run.faults.after_step(progress.step)
     finally:
@@ -196,6 +203,8 @@ def train_step(run: Run, micro_batches: list) -> tuple[torch.Tensor, torch.Tenso
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     applied = finite and not accelerator.optimizer_step_was_skipped
+    if applied and run.ema is not None:
+        run.ema.update(run.bare_model)
     return step_loss, grad_norm, applied
 
 
@@ -282,8 +291,17 @@ def validation_due(run: Run) -> bool:
     return epoch % run.cfg.valid_every == 0 or epoch == run.cfg.epochs
 
 
+def validate_all(run: Run) -> dict[str, float]:
+    """The validation loss of the raw weights ("raw") and of each weight average (--ema)."""
+    losses = {"raw": validate(run, log_audio=run.cfg.log_audio)}
+    for name in run.ema.shadows if run.ema is not None else []:
+        with run.ema.swapped_in(run.bare_model, name):
+            losses[name] = validate(run, log_audio=False)
+    return losses
+
+
 @torch.no_grad()
-def validate(run: Run) -> float:
+def validate(run: Run, log_audio: bool = False) -> float:
     """Mean over all validation songs of the per-song loss, in fp32, songs split across ranks.
 
     The 2019 protocol: each song whole in one pass, no shifts, no autocast (accelerate's autocast
@@ -302,7 +320,7 @@ def validate(run: Run) -> float:
         split = cfg.valid_segment > 0
         estimates = apply_model(model, mix, shifts=0, split=split, segment=cfg.valid_segment or 1.0, overlap=0.25)
         total += torch.stack([criterion(estimates, sources).double(), torch.ones((), device=total.device)])
-        if run.writer is not None and index == 0 and cfg.log_audio:
+        if run.writer is not None and index == 0 and log_audio:
             log_separation(run.writer, song, estimates, run.progress.step)
     total = accelerator.reduce(total, reduction="sum")
     model.train()
@@ -311,51 +329,60 @@ def validate(run: Run) -> float:
     return (total[0] / total[1]).item()
 
 
-def end_epoch(run: Run, train_loss: float, valid: float, seconds: float) -> None:
-    """Count the epoch, keep the best model, checkpoint, and report the epoch."""
+def end_epoch(run: Run, train_loss: float, valid: dict[str, float], seconds: float) -> None:
+    """Count the epoch, keep the best model (raw or averaged weights), checkpoint, report the epoch."""
     progress, accelerator = run.progress, run.accelerator
     progress.epoch, progress.examples = progress.epoch + 1, 0
-    if valid < progress.best_valid:
-        progress.best_valid, progress.best_epoch = valid, progress.epoch
+    best_name = min(valid, key=valid.__getitem__) if valid else None
+    if best_name is not None and valid[best_name] < progress.best_valid:
+        progress.best_valid, progress.best_epoch, progress.best_weights = valid[best_name], progress.epoch, best_name
         if accelerator.is_main_process:
-            export(run, run.run_dir / "best.th")
+            export(run, run.run_dir / "best.th", weights=best_name)
     last_epoch = progress.epoch == run.cfg.epochs
     if last_epoch or run.checkpoints.due(accelerator):
         if accelerator.is_main_process:
             export(run, run.run_dir / "last.th")
-        run.checkpoints.save(accelerator, progress, run.bare_model)
+        run.checkpoints.save(accelerator, progress, run.bare_model, run.ema)
     bad_shards = accelerator.reduce(torch.tensor(float(run.bad_shards), device=accelerator.device), "sum").item()
     if run.writer is not None:
         run.writer.add_scalar("epoch/train_loss", train_loss, progress.step)
         run.writer.add_scalar("epoch/epoch", progress.epoch, progress.step)
         run.writer.add_scalar("train/bad_shards", bad_shards, progress.step)
-        if not math.isnan(valid):
-            run.writer.add_scalar("valid/loss", valid, progress.step)
+        for name, loss in valid.items():
+            run.writer.add_scalar("valid/loss" if name == "raw" else f"valid/loss_{name}", loss, progress.step)
+        if valid:
             run.writer.add_scalar("valid/best", progress.best_valid, progress.step)
         run.writer.flush()
-    valid_text = "-" if math.isnan(valid) else f"{valid:.4f}"
-    best_text = "-" if progress.best_epoch < 0 else f"{progress.best_valid:.4f} (epoch {progress.best_epoch})"
+    valid_text = " ".join(f"{loss:.4f}" if name == "raw" else f"{name} {loss:.4f}" for name, loss in valid.items())
+    best_text = "-"
+    if progress.best_epoch >= 0:
+        weights = "" if progress.best_weights == "raw" else f", {progress.best_weights}"
+        best_text = f"{progress.best_valid:.4f} (epoch {progress.best_epoch}{weights})"
     speed = run.steps_per_epoch * run.cfg.global_batch / seconds
     run.say(
-        f"epoch {progress.epoch}/{run.cfg.epochs} | train {train_loss:.4f} | valid {valid_text} | "
+        f"epoch {progress.epoch}/{run.cfg.epochs} | train {train_loss:.4f} | valid {valid_text or '-'} | "
         f"best {best_text} | {speed:.1f} examples/s | {seconds:.1f} s"
     )
 
 
-def export(run: Run, path: Path) -> None:
-    """Write a self-describing model file; refuse to write non-finite weights."""
+def export(run: Run, path: Path, weights: str = "raw") -> None:
+    """Write a self-describing model file of the raw weights or of an average (its name); refuse
+    to write non-finite weights. The file's info says which weights it holds."""
     progress = run.progress
-    if not weights_are_finite(run.bare_model):
-        raise UserError(f"the model's weights are not finite at epoch {progress.epoch}; {path} was not written")
-    save_model(
-        run.bare_model,
-        path,
-        epoch=progress.epoch,
-        step=progress.step,
-        best_valid=progress.best_valid,
-        loss=run.cfg.loss,
-        segment=run.cfg.segment,
-    )
+    context = run.ema.swapped_in(run.bare_model, weights) if weights != "raw" and run.ema else contextlib.nullcontext()
+    with context:
+        if not weights_are_finite(run.bare_model):
+            raise UserError(f"the model's weights are not finite at epoch {progress.epoch}; {path} was not written")
+        save_model(
+            run.bare_model,
+            path,
+            epoch=progress.epoch,
+            step=progress.step,
+            best_valid=progress.best_valid,
+            loss=run.cfg.loss,
+            segment=run.cfg.segment,
+            weights=weights,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,7 +418,11 @@ def start_run(model_cfg: ModelConfig, cfg: TrainConfig, augment: AugmentConfig, 
     lock = prepare_run_dir(accelerator, run_dir, checkpoints, model_cfg, cfg, augment, loader_cfg)
     model, bare_model, optimizer = prepare_model(accelerator, model_cfg, cfg)
 
-    progress = checkpoints.resume(accelerator, accelerator.print)
+    progress, resumed_from = checkpoints.resume(accelerator, accelerator.print)
+    ema = None
+    if cfg.ema:  # built from the resumed weights, then given the saved averages
+        ema = EMA(bare_model, cfg.ema)
+        checkpoints.load_ema(resumed_from, ema, accelerator.print)
     writer = None
     if accelerator.is_main_process:
         writer = open_tensorboard(
@@ -416,6 +447,7 @@ def start_run(model_cfg: ModelConfig, cfg: TrainConfig, augment: AugmentConfig, 
         writer=writer,
         lock=lock,
         faults=faults,
+        ema=ema,
     )
 
 

@@ -54,7 +54,7 @@ def test_lstm_weights_sharing_one_storage_survive_save_and_load(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
-    progress = checkpoints.resume(accelerator, print)
+    progress, _ = checkpoints.resume(accelerator, print)
     assert progress.step == 3
     for name, value in model.state_dict().items():
         assert torch.equal(value, saved[name]), name

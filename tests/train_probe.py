@@ -17,9 +17,11 @@ from demucs_dist.train import TrainConfig, train
 def main(argv):
     out, options = argv[0], argv[1:]
     model_cfg, cfg, augment = parse(options, "probe", "", ModelConfig, TrainConfig, AugmentConfig)
-    progress, model = train(model_cfg, cfg, augment)
+    run = train(model_cfg, cfg, augment)
     rank = int(os.environ.get("RANK", "0"))
-    torch.save({"state": model.state_dict(), "step": progress.step, "epoch": progress.epoch}, f"{out}/rank{rank}.pt")
+    ema = run.ema.state_dict() if run.ema is not None else None
+    state = {"state": run.bare_model.state_dict(), "ema": ema, "step": run.progress.step, "epoch": run.progress.epoch}
+    torch.save(state, f"{out}/rank{rank}.pt")
 
 
 if __name__ == "__main__":
