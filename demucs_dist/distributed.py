@@ -1,16 +1,20 @@
 """Starting Accelerate the same way for training, evaluation and separation.
 
-On a machine without a GPU, processes are started CPU-only with gloo (TOOLCHAIN.md: `--cpu` alone
-starts one process, and `--multi_gpu` without the CPU switch starts independent processes with no
-DDP and no error). Either way, the world size we run with is checked against the one we were
-launched for.
+On a machine without a GPU, processes are started CPU-only with gloo (`accelerate launch --cpu`
+alone starts one process, and `--multi_gpu` without the CPU switch starts independent processes
+with no DDP and no error). Either way, the world size we run with is checked against the one we
+were launched for. A machine with an NVIDIA GPU that torch cannot use is refused rather than
+silently run on the CPU (`check_gpu_is_usable`).
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import subprocess
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -26,7 +30,9 @@ def make_accelerator(mixed_precision: str | None = None, timeout_s: float = 1800
         None takes the launcher's setting (accelerate config or --mixed_precision).
     timeout_s: how long a collective waits for a missing rank before the job fails.
     """
-    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    cpu = cpu_requested() or not torch.cuda.is_available()
+    if cpu and not cpu_requested():
+        check_gpu_is_usable()
     wanted = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if cpu and wanted == "fp16":
         raise UserError("fp16 mixed precision needs a GPU (on CPU it would silently run in fp32); use bf16 or no")
@@ -35,6 +41,68 @@ def make_accelerator(mixed_precision: str | None = None, timeout_s: float = 1800
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=handlers, **kwargs)
     check_world_size(accelerator)
     return accelerator
+
+
+def cpu_requested() -> bool:
+    """Whether the user (or launch/run.sh on a machine without GPUs) asked for CPU processes."""
+    return os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "t", "yes", "y", "on")
+
+
+NVIDIA_DEVICE_FILE = Path("/dev/nvidia0")  # what the NVIDIA driver creates for the first GPU
+
+
+def nvidia_gpus_present() -> list[str]:
+    """The NVIDIA GPUs this machine has, whatever torch can do with them: the `GPU N: ...` lines
+    of `nvidia-smi -L`, or ["/dev/nvidia0"] when only the device file tells.
+
+    Asked only when torch sees no GPU, to tell "no GPU here" from "a GPU torch cannot use".
+    """
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):  # not installed, not executable, hung driver
+        listing = ""
+    gpus = [line.strip() for line in listing.splitlines() if line.startswith("GPU ")]
+    if not gpus and NVIDIA_DEVICE_FILE.exists():
+        gpus = [str(NVIDIA_DEVICE_FILE)]
+    return gpus
+
+
+def check_gpu_is_usable() -> None:
+    """Refuse to fall back to CPU when an NVIDIA GPU is here but torch cannot use it.
+
+    A CPU-only torch wheel (a .venv made on a login node without GPUs, say) or a driver older
+    than the wheel's CUDA makes `torch.cuda.is_available()` False, and Accelerate would then train
+    on the CPU, silently and a thousand times slower. ACCELERATE_USE_CPU=1 asks for CPU on purpose.
+    """
+    gpus = nvidia_gpus_present()
+    if not gpus:
+        return
+    found = f"{len(gpus)} NVIDIA GPU(s) ({gpus[0]}{', ...' if len(gpus) > 1 else ''})"
+    escape = "set ACCELERATE_USE_CPU=1 to run on the CPU on purpose"
+    if torch.version.cuda is None:
+        build = "a ROCm build" if getattr(torch.version, "hip", None) else "a CPU-only build"
+        raise UserError(
+            f"this machine has {found} but torch {torch.__version__} is {build}: install torch's CUDA build "
+            f"(e.g. `{sys.executable} -m pip install --force-reinstall torch=={torch.__version__.split('+')[0]}` "
+            f"from PyPI, whose Linux wheel is the CUDA build), or {escape}"
+        )
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    hint = "" if visible is None else f"CUDA_VISIBLE_DEVICES={visible!r} may hide them, or "
+    raise UserError(
+        f"this machine has {found} but torch {torch.__version__} (CUDA {torch.version.cuda}) cannot use them "
+        f"({cuda_init_error()}): {hint}the driver may be older than CUDA {torch.version.cuda} needs "
+        f"(update it, or install a torch built for an older CUDA), or {escape}"
+    )
+
+
+def cuda_init_error() -> str:
+    """The first line of torch's own reason why CUDA does not start (often the driver's version)."""
+    try:
+        torch.cuda.init()
+    except Exception as exc:  # torch raises RuntimeError or AssertionError, depending on the cause
+        text = str(exc).strip()
+        return text.splitlines()[0] if text else type(exc).__name__
+    return "torch.cuda.is_available() is False"
 
 
 def join_restarted_group(cpu: bool, timeout_s: float) -> None:
