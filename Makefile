@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.demucs_dist-installed
 
-.PHONY: setup test demo lint format clean-demo
+.PHONY: setup test test-fast demo lint typecheck format clean-demo
 
 setup: $(STAMP)
 
@@ -15,11 +15,18 @@ $(STAMP): pyproject.toml scripts/setup.sh
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
 
+# Everything but the real multi-process runs and long songs (marked slow): under a minute.
+test-fast: $(STAMP)
+	$(PYTHON) -m pytest -q -m "not slow"
+
 demo: $(STAMP)
 	bash launch/demo.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.checkpoint import checkpoint
-from tqdm import tqdm
 
 from . import SOURCES
 from .apply import apply_model
@@ -40,7 +39,8 @@ from .faults import Faults
 from .files import atomic_path
 from .model import Demucs, center_trim
 from .modelfile import save_model
-from .tblog import log_separation
+from .progress import progress_bar
+from .tblog import log_hparams, log_separation, peak_memory_bytes
 
 VALID_MAX_SAMPLES = 15_000_000  # validation uses each song's first 15M samples, as the 2019 code did
 
@@ -241,13 +241,12 @@ class StepMeter:
 
     def __init__(self, run: Run, initial: int):
         self.run = run
-        self.bar = tqdm(
-            total=run.steps_per_epoch,
+        self.bar = progress_bar(
+            run.steps_per_epoch,
+            f"epoch {run.progress.epoch + 1}",
+            "steps",
             initial=initial,
-            desc=f"epoch {run.progress.epoch + 1}",
             disable=not run.accelerator.is_main_process,
-            leave=False,
-            dynamic_ncols=True,
         )
         self.restart_clock()
 
@@ -264,17 +263,22 @@ class StepMeter:
         seconds = time.perf_counter() - self.step_start
         if run.writer is not None:
             step = run.progress.step
+            examples_per_s = run.cfg.global_batch / seconds
             scalars = {
                 "train/loss": step_loss,
                 "train/lr": run.optimizer.param_groups[0]["lr"],
                 "train/grad_norm": grad_norm.item(),
-                "train/examples_per_s": run.cfg.global_batch / seconds,
+                "train/examples_per_s": examples_per_s,
+                "train/audio_seconds_per_s": examples_per_s * run.cfg.segment,
                 "train/data_wait_fraction": self.wait / seconds,
                 "train/skipped_steps": run.progress.skipped_steps,
+                "train/peak_memory_gb": peak_memory_bytes(run.accelerator.device) / 1e9,
             }
             for tag, value in scalars.items():
                 run.writer.add_scalar(tag, value, step)
-            self.bar.set_postfix(loss=f"{step_loss:.4f}")
+            self.bar.set_postfix(
+                loss=f"{step_loss:.4f}", examples_per_s=f"{examples_per_s:.1f}", data_wait=f"{self.wait / seconds:.0%}"
+            )
         self.bar.update(1)
         self.restart_clock()
 
@@ -492,6 +496,7 @@ def open_tensorboard(run_dir: Path, progress: Progress, samplerate: int, config:
     writer = SummaryWriter(str(run_dir), purge_step=progress.step + 1 if progress.step else None)
     writer.samplerate = samplerate
     writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
+    log_hparams(writer, config)
     return writer
 
 

@@ -20,6 +20,8 @@ SCALARS = [
     "train/grad_norm",
     "train/examples_per_s",
     "train/data_wait_fraction",
+    "train/audio_seconds_per_s",
+    "train/peak_memory_gb",
     "valid/loss",
     "valid/best",
 ]
@@ -28,7 +30,7 @@ SCALARS = [
 def launch(args: list[str], processes: int = 2, cpu_flag: bool = False, expect: int | None = None, env=None):
     """accelerate launch with `processes` CPU processes; returns the CompletedProcess."""
     command = launch_command(args, processes, cpu_flag=cpu_flag)
-    return run(command, cpu_env(expect or processes, **(env or {})))
+    return run(command, cpu_env(expect or processes, DEMUCS_DIST_PROGRESS_SECONDS="0", **(env or {})))
 
 
 def run_probe(out: Path, shards: Path, logdir: Path, *extra: str, env: dict | None = None):
@@ -76,8 +78,18 @@ def test_tensorboard_has_the_scalars_audio_and_config(two_epochs):
     assert set(SCALARS) <= set(tags["scalars"])
     assert len(events.Scalars("valid/loss")) == 2
     assert "separation/mixture" in tags["audio"] and "separation/vocals_estimate" in tags["audio"]
-    assert "separation/spectrograms" in tags["images"]
+    assert "separation/spectrograms" in tags["images"]  # the labelled matplotlib figure
     assert any("config" in t for t in tags["tensors"])
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(events.PluginTagToContent("hparams"))
+    assert events.Scalars("train/peak_memory_gb")[-1].value > 0.05  # a process's resident memory
+
+
+def test_job_log_has_plain_progress_lines(two_epochs):
+    """Captured output is not a terminal: progress is plain lines (the test sets one per step), no redraws."""
+    _, result, _ = two_epochs
+    assert "\r" not in result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("epoch 1: ")]
+    assert lines and "steps (" in lines[-1] and "loss" in lines[-1] and "examples per s" in lines[-1], lines
 
 
 def test_model_files_are_exported(two_epochs):
