@@ -4,10 +4,15 @@
 
 1. Writes a synthetic MUSDB18 dataset twice (wav and .stem.mp4) and shards the wav one with the
    defaults (lean chunking, 10 s segments + 1 s shift, float16).
-2. Shard stream: `train_loader` at the default model's input length (valid_length(10 s) =
-   451,924 samples) with all augmentations, in this one process (workers=0) and with 1 and 2
-   worker processes; examples/s over the batches after the first (the first fills the shuffle
-   buffer and starts the workers; its time is reported separately).
+2. Shard stream: `train_batches` at the default model's input length (valid_length(10 s) =
+   451,924 samples) with the 1 s Shift, in this one process (workers=0) and with 1 and 2
+   worker processes; examples/s over the batches after the first (the first fills the crop pool
+   and starts the workers; its time is reported separately), examples per CPU-second of this
+   process and its workers (torch at --threads threads here, 1 in workers), bytes per example
+   handed to the device, and the peak memory of a worker. FlipSign, FlipChannels and Remix now
+   run on the device (`augment_step`, timed here on this CPU for scale, not part of the host cost).
+   (Up to commit 6d1d52a the loader also augmented and built float32 mix + sources on the host;
+   the "before" numbers in docs/benchmarks.md are this script at that commit.)
 3. musdb path: the same kind of example read the way a musdb-based loader does, per example:
    set chunk_start/chunk_duration and read each source's `.audio`, then z-score, shift and crop.
 4. Bytes: the train shards against the raw 16-bit audio of the four stems of the training songs
@@ -30,8 +35,9 @@ import torch
 
 from demucs_dist import SAMPLERATE, SOURCES
 from demucs_dist.config import ModelConfig
-from demucs_dist.data import loader as loader_module
-from demucs_dist.data.augment import AugmentConfig
+from demucs_dist.data.augment import AugmentConfig, augment_step
+from demucs_dist.data.loader import POOL_CHUNKS, train_batches
+from demucs_dist.data.manifest import read_manifest
 from demucs_dist.data.shard import ShardConfig, describe, make_plan, write_shards
 from demucs_dist.data.songs import open_tracks
 from demucs_dist.data.synth import synthesize
@@ -39,16 +45,20 @@ from demucs_dist.model import Demucs
 
 
 def open_loader(shards: str, segment: int, batch_size: int, batches: int, workers: int):
-    """(loader, tensors of one item that go to the device). The loader up to commit 021dbb8 yields
-    augmented float32 (mix, sources); from then on it yields float16 sources (augmentation on the device)."""
-    manifest = loader_module.read_manifest(shards)
+    """(loader, the tensors of one batch that go to the device)."""
     options = dict(segment=segment, batch_size=batch_size, batches=batches, epoch=0, seed=0, rank=0, world_size=1,
                    workers=workers, augment=AugmentConfig())  # fmt: skip
-    if hasattr(loader_module, "train_batches"):
-        from demucs_dist.data.manifest import read_manifest
+    return train_batches(shards, read_manifest(shards), **options), lambda item: [item.sources]
 
-        return loader_module.train_batches(shards, read_manifest(shards), **options), lambda item: [item.sources]
-    return loader_module.train_loader(shards, manifest, **options), lambda item: list(item)
+
+def augment_rate(shards: str, segment: int, batch_size: int, steps: int = 5) -> float:
+    """Examples/s of `augment_step` plus the mixture on this CPU, over batches of the stream."""
+    batches = [b.sources for b in open_loader(shards, segment, batch_size, steps, 0)[0]]
+    start = time.perf_counter()
+    for index, sources in enumerate(batches):
+        augmented = augment_step(sources, AugmentConfig(), torch.Generator().manual_seed(index))
+        augmented.sum(1)
+    return steps * batch_size / (time.perf_counter() - start)
 
 
 def shard_rate(shards: str, segment: int, batch_size: int, batches: int, workers: int) -> dict:
@@ -152,12 +162,14 @@ def main(argv: list[str] | None = None) -> None:
             worker_memory = f"{got['uss'] / 1e6:.0f} MB / {got['rss'] / 1e6:.0f} MB" if workers else "-"
             rate, per_core, megabytes = got["rate"], got["per_core"], got["bytes"] / 1e6
             details.append(f"| {workers} | {rate:.1f} | {per_core:.1f} | {megabytes:.2f} | {worker_memory} |")
+        augmented = augment_rate(str(shards), segment, args.batch_size)
         for label, root, is_wav in (("musdb .stem.mp4", stems, False), ("musdb wav", wav, True)):
             rows.append((f"{label}, per example", musdb_rate(root, is_wav, segment, args.musdb_examples), ""))
 
         musdb_best = max(rate for label, rate, _ in rows if label.startswith("musdb"))
-        stored = sum(s["bytes"] for s in manifest["train"])
-        raw = manifest["raw_train_bytes"]
+        stored = sum(s.bytes for s in manifest.train)
+        raw = manifest.raw_train_bytes
+        chunk_mb = 4 * 2 * manifest.chunking.chunk_length * 2 / 1e6
         wav_bytes = sum(p.stat().st_size for p in (wav / "train").rglob("*.wav") if "Valid" not in str(p))
         lines = [
             "## Data loader",
@@ -166,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{torch.get_num_threads()} torch threads, Python {platform.python_version()}, torch {torch.__version__}; "
             f"synthetic data ({args.songs} train songs of {args.seconds:g} s), page cache warm. "
             f"Examples are the default model's input: {segment} samples (10 s) x 4 stereo sources, "
-            f"drawn with the 1 s shift, FlipSign, FlipChannels and Remix (shards); batch {args.batch_size}.",
+            f"cropped with the 1 s shift, float16 (shards); batch {args.batch_size}.",
             "",
             "| path | examples/s | note |",
             "|---|---:|---|",
@@ -181,13 +193,17 @@ def main(argv: list[str] | None = None) -> None:
             "|---:|---:|---:|---:|---|",
             *details,
             "",
+            f"Crop pool: {POOL_CHUNKS} chunks of {chunk_mb:.1f} MB = {POOL_CHUNKS * chunk_mb:.0f} MB per worker. "
+            f"On the device (here this CPU, {torch.get_num_threads()} thread(s)): augment_step + mixture, "
+            f"{augmented:.1f} examples/s.",
+            "",
             "| bytes on disk | MB | vs raw 16-bit stems |",
             "|---|---:|---:|",
             f"| raw 16-bit stems of the train songs (4 x 2 ch x 2 B) | {raw / 1e6:.1f} | 1.00x |",
             f"| train wav files (mixture + 4 stems) | {wav_bytes / 1e6:.1f} | {wav_bytes / raw:.2f}x |",
             f"| train shards, lean default (float16) | {stored / 1e6:.1f} | {stored / raw:.2f}x |",
-            f"| paper chunking (11 s every 1 s), planned | {paper['planned_bytes']['train'] / 1e6:.1f} | "
-            f"{paper['planned_bytes']['train'] / raw:.2f}x |",
+            f"| paper chunking (11 s every 1 s), planned | {paper.planned_bytes.train / 1e6:.1f} | "
+            f"{paper.planned_bytes.train / raw:.2f}x |",
             "",
             "Lean default plan, as `demucs-dist shard` prints it:",
             "",

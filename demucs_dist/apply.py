@@ -14,20 +14,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .data.songs import song_statistics
 from .model import Demucs
-
-SILENCE_STD = 1e-8  # below this a song is treated as silent and not scaled
 
 
 def normalize(mix: torch.Tensor) -> tuple[torch.Tensor, float, float]:
     """Z-score a song with the statistics of its mono mix-down: returns (normalized, mean, std).
 
+    The statistics are `song_statistics`, the very numbers the shard writer stored for training.
     A silent song (std 0) is returned centred but unscaled rather than divided by zero.
     """
-    ref = mix.mean(0)
-    mean, std = ref.mean().item(), ref.std().item() if ref.numel() > 1 else 0.0
-    if not std > SILENCE_STD:  # also catches NaN
-        std = 1.0
+    mean, std = song_statistics(mix.detach().float().cpu().numpy())
     return (mix - mean) / std, mean, std
 
 

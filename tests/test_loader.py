@@ -1,77 +1,105 @@
-"""Streaming loader and augmentations: disjoint ranks, equal batch counts, exact augmentations."""
+"""Streaming loader over real shards: disjoint ranks, equal batch counts, crops that are what they
+say, and songs that mix in Remix groups."""
 
 from __future__ import annotations
 
-import json
+import io
+import math
+import tarfile
+from collections import Counter
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from conftest import SHARD_ARGS
 
 from demucs_dist import SAMPLERATE
-from demucs_dist.data.augment import (
-    AugmentConfig,
-    assemble_batch,
-    augment_batch,
-    flip_channels,
-    flip_sign,
-    remix,
-    shift_crop,
-)
+from demucs_dist.data.augment import AugmentConfig, shift_crop
 from demucs_dist.data.loader import (
     _generator,
     _TrainStream,
-    examples_per_epoch,
-    read_manifest,
-    read_samples,
+    train_batches,
     train_loader,
     valid_songs,
 )
+from demucs_dist.data.manifest import read_manifest
+from demucs_dist.data.shard import main as shard_main
+from demucs_dist.data.synth import synthesize
 from demucs_dist.errors import UserError
 from demucs_dist.model import Demucs
 
 SEGMENT = Demucs(channels=4, depth=3).valid_length(SAMPLERATE // 2)  # a small test model's input length
+SHIFT = 0.25  # seconds, as the test shards were cut for
 
 
 def batches_of(shards, manifest, **options):
     defaults = dict(segment=SEGMENT, batch_size=3, batches=4, epoch=0, seed=0, rank=0, world_size=1, workers=0)
     defaults.update(options)
-    augment = defaults.pop("augment", AugmentConfig(shift=0.25))
-    return list(train_loader(str(shards), manifest, augment=augment, **defaults))
+    augment = defaults.pop("augment", AugmentConfig(shift=SHIFT))
+    return list(train_batches(str(shards), manifest, augment=augment, **defaults))
 
 
-def test_batches_have_the_model_length_and_mix_is_the_sum(synth_shards):
-    manifest = read_manifest(str(synth_shards))
-    assert examples_per_epoch(manifest) == sum(s["samples"] for s in manifest["train"]) * manifest["chunking"]["crops"]
+def stored_chunks(shards: Path) -> dict[str, np.ndarray]:
+    """'train/NNNNNN.tar/<key>' -> the stored chunk, read with the standard library (not our loader)."""
+    chunks = {}
+    for path in sorted((shards / "train").glob("*.tar")):
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.name.endswith(".sources.npy"):
+                    key = member.name.split(".", 1)[0]
+                    chunks[f"train/{path.name}/{key}"] = np.load(io.BytesIO(tar.extractfile(member).read()))
+    return chunks
+
+
+def test_batches_are_the_stored_crops_they_name_in_the_stored_dtype(synth_shards):
+    manifest = read_manifest(synth_shards)
+    chunks = stored_chunks(synth_shards)
+    max_shift = int(SHIFT * SAMPLERATE)
     batches = batches_of(synth_shards, manifest, batch_size=5, batches=3)
     assert len(batches) == 3
-    for mix, sources in batches:
-        assert mix.shape == (5, 2, SEGMENT) and sources.shape == (5, 4, 2, SEGMENT)
-        assert mix.dtype == sources.dtype == torch.float32
-        torch.testing.assert_close(mix, sources.sum(1), rtol=0, atol=0)
-        assert 0.1 < sources.std() < 10  # z-scored audio, not zeros or raw 16-bit values
+    for batch in batches:
+        assert batch.sources.shape == (5, 4, 2, SEGMENT) and batch.sources.dtype == torch.float16
+        assert 0.1 < batch.sources.float().std() < 10  # z-scored audio, not zeros or raw 16-bit values
+        assert len(batch.origins) == 5
+        for example, origin in zip(batch.sources, batch.origins):
+            chunk = chunks[origin.chunk]
+            assert all(0 <= offset < max_shift for offset in origin.offsets)
+            for source, offset in enumerate(origin.offsets):
+                begin = origin.start + offset
+                assert np.array_equal(example[source].numpy(), chunk[source, :, begin : begin + SEGMENT])
 
 
-def test_two_ranks_with_two_workers_read_disjoint_shards_that_cover_every_sample(synth_shards):
-    manifest = read_manifest(str(synth_shards))
-    everything = {
-        f"{shard['name']}/{sample['__key__']}"
-        for shard in manifest["train"]
-        for sample in read_samples(str(synth_shards / shard["name"]))
-    }
-    assert len(everything) == sum(s["samples"] for s in manifest["train"])
+def test_two_ranks_with_two_workers_read_disjoint_shards_through_the_data_loader(synth_shards):
+    manifest = read_manifest(synth_shards)
+    shards_of: dict[int, set[str]] = {}  # slot -> shards it read
+    ranks_of: dict[int, set[int]] = {}
+    for rank in range(2):
+        # 8 shards of 2 chunks: 2 slots per rank, 2 shards (4 chunks) per slot, read twice over.
+        for batch in batches_of(synth_shards, manifest, batch_size=2, batches=8, rank=rank, world_size=2, workers=2):
+            shards_of.setdefault(batch.slot, set()).update(o.chunk.rsplit("/", 1)[0] for o in batch.origins)
+            ranks_of.setdefault(batch.slot, set()).add(rank)
+    assert sorted(shards_of) == [0, 1, 2, 3]  # every worker of both ranks produced batches
+    assert all(ranks == {slot // 2} for slot, ranks in ranks_of.items())
+    everything = [name for names in shards_of.values() for name in names]
+    assert len(everything) == len(set(everything))  # no shard read by two slots (so by two ranks)
+    assert set(everything) == {s.name for s in manifest.train}
+
+
+def test_slots_cover_every_sample_once_also_with_more_slots_than_shards(synth_shards):
+    manifest = read_manifest(synth_shards)
+    everything = set(stored_chunks(synth_shards))
     for world_size, workers in ((2, 2), (4, 3)):  # 4 slots <= 8 shards; 12 slots > 8 shards (sample split)
         seen = []
         for rank in range(world_size):
-            stream = _TrainStream(
-                str(synth_shards), manifest, SEGMENT, 2, 0, 0, rank, world_size, workers, AugmentConfig()
-            )
+            stream = _TrainStream(str(synth_shards), manifest, SEGMENT, 2, 0, 0, rank, world_size, workers, 0, 4)
             for worker in range(workers):
-                seen += [key for key, _ in stream.chunks(worker, _generator(rank, worker), passes=1)]
+                seen += [chunk.chunk for chunk in stream.chunks(worker, _generator(rank, worker), passes=1)]
         assert len(seen) == len(set(seen)) and set(seen) == everything, (world_size, workers)
 
 
 def test_every_rank_gets_exactly_the_requested_batches_with_worker_processes(synth_shards):
-    manifest = read_manifest(str(synth_shards))
+    manifest = read_manifest(synth_shards)
     counts = [
         len(batches_of(synth_shards, manifest, batches=7, rank=rank, world_size=2, workers=2)) for rank in range(2)
     ]
@@ -79,88 +107,49 @@ def test_every_rank_gets_exactly_the_requested_batches_with_worker_processes(syn
 
 
 def test_same_seed_same_batches_other_epoch_other_batches(synth_shards):
-    manifest = read_manifest(str(synth_shards))
+    manifest = read_manifest(synth_shards)
     first = batches_of(synth_shards, manifest, workers=2, seed=5, epoch=1)
     again = batches_of(synth_shards, manifest, workers=2, seed=5, epoch=1)
     other = batches_of(synth_shards, manifest, workers=2, seed=5, epoch=2)
-    for (mix_a, src_a), (mix_b, src_b) in zip(first, again):
-        assert torch.equal(mix_a, mix_b) and torch.equal(src_a, src_b)
-    assert not all(torch.equal(a[1], b[1]) for a, b in zip(first, other))
+    for a, b in zip(first, again):
+        assert torch.equal(a.sources, b.sources) and a.origins == b.origins
+    assert not all(torch.equal(a.sources, b.sources) for a, b in zip(first, other))
 
 
 def test_ranks_see_different_examples(synth_shards):
-    manifest = read_manifest(str(synth_shards))
-    plain = AugmentConfig(shift=0, flip_sign=False, flip_channels=False, remix=False)
-    rank0 = torch.cat([s for _, s in batches_of(synth_shards, manifest, rank=0, world_size=2, augment=plain)])
-    rank1 = torch.cat([s for _, s in batches_of(synth_shards, manifest, rank=1, world_size=2, augment=plain)])
+    manifest = read_manifest(synth_shards)
+    rank0 = torch.cat([b.sources for b in batches_of(synth_shards, manifest, rank=0, world_size=2)])
+    rank1 = torch.cat([b.sources for b in batches_of(synth_shards, manifest, rank=1, world_size=2)])
     # Crops of disjoint chunks can overlap in time only by sharing a song region across two chunks;
     # identical examples on two ranks would mean both read the same chunk.
     assert not any(torch.equal(a, b) for a in rank0 for b in rank1)
 
 
 def test_segment_longer_than_the_chunks_is_a_clear_error(synth_shards):
-    manifest = read_manifest(str(synth_shards))
-    too_long = manifest["chunking"]["min_chunk_length"]
+    manifest = read_manifest(synth_shards)
     with pytest.raises(UserError, match="reshard with a longer --segment"):
-        batches_of(synth_shards, manifest, segment=too_long)
+        batches_of(synth_shards, manifest, segment=manifest.chunking.min_chunk_length)
 
 
 def test_shards_through_a_pipe_command(synth_shards):
     template = f"pipe:cat {synth_shards}/{{}}"
     manifest = read_manifest(template)
-    assert manifest == json.loads((synth_shards / "manifest.json").read_text())
+    assert manifest == read_manifest(synth_shards)
     assert len(batches_of(template, manifest, batches=2)) == 2
 
 
-def test_missing_manifest_is_a_clear_error(tmp_path):
-    with pytest.raises(UserError, match="no manifest.json"):
-        read_manifest(str(tmp_path))
-
-
 def test_validation_songs_are_split_across_ranks(synth_shards):
-    manifest = read_manifest(str(synth_shards))
+    manifest = read_manifest(synth_shards)
     per_rank = [list(valid_songs(str(synth_shards), manifest, rank=r, world_size=3)) for r in range(3)]
     assert [len(songs) for songs in per_rank] == [1, 1, 0]  # 2 songs on 3 ranks: one rank gets none
     names = [song.name for songs in per_rank for song in songs]
-    assert sorted(names) == manifest["songs"]["valid"]
+    assert tuple(sorted(names)) == manifest.songs.valid
     for song in per_rank[0] + per_rank[1]:
-        stats = manifest["stats"][song.name]
-        assert song.mix.shape == (2, stats["length"]) and song.sources.shape == (4, 2, stats["length"])
+        stats = manifest.stats[song.name]
+        assert song.mix.shape == (2, stats.length) and song.sources.shape == (4, 2, stats.length)
         assert song.mix.dtype == torch.float32
-        assert (song.mean, song.std) == (stats["mean"], stats["std"])
+        assert (song.mean, song.std) == (stats.mean, stats.std)
         assert song.mix.mean(0).std() == pytest.approx(1.0, rel=1e-2)  # z-scored by its own mono mix
-
-
-def test_flip_sign_and_flip_channels_are_involutions():
-    batch = torch.randn(6, 4, 2, 100)
-    for flip in (flip_sign, flip_channels):
-        once = flip(batch, torch.Generator().manual_seed(3))
-        twice = flip(once, torch.Generator().manual_seed(3))
-        assert torch.equal(twice, batch)
-        assert not torch.equal(once, batch)
-    swapped = flip_channels(batch, torch.Generator().manual_seed(3))
-    for item in range(6):
-        for source in range(4):  # each (item, source) is kept or has its channels swapped
-            assert torch.equal(swapped[item, source], batch[item, source]) or torch.equal(
-                swapped[item, source], batch[item, source].flip(0)
-            )
-
-
-@pytest.mark.parametrize("batch_size", [8, 6, 1])
-def test_remix_keeps_each_source_of_a_group_exactly_once(batch_size):
-    # Item b, source s holds the value 10 * b + s everywhere.
-    values = (10 * torch.arange(batch_size)[:, None] + torch.arange(4)[None, :]).float()
-    batch = values[..., None, None].expand(batch_size, 4, 2, 50).clone()
-    mixed = remix(batch, 4, torch.Generator().manual_seed(0))
-    assert mixed.shape == batch.shape
-    for first in range(0, batch_size, 4):
-        group = range(first, min(first + 4, batch_size))  # the incomplete last group is remixed within itself
-        for source in range(4):
-            taken = sorted(int(mixed[b, source, 0, 0]) // 10 for b in group)
-            assert taken == list(group)
-            assert all(int(mixed[b, source, 0, 0]) % 10 == source for b in group)  # sources stay in place
-    if batch_size == 8:
-        assert not torch.equal(mixed, batch)
 
 
 def test_shift_crop_offsets_each_source_within_the_shift():
@@ -174,27 +163,82 @@ def test_shift_crop_offsets_each_source_within_the_shift():
         shift_crop(chunk, start=200, length=100, max_shift=50, generator=torch.Generator())
 
 
-@pytest.mark.parametrize("batch_size", [6, 8])
-def test_fast_batch_assembly_equals_the_reference_augmentations(batch_size):
-    """The loader's one-copy path = stack, then flip_sign, flip_channels, remix (same draws)."""
-    generator = torch.Generator().manual_seed(0)
-    chunks = [torch.randn(4, 2, 400).half() for _ in range(batch_size)]
-    crops = [shift_crop(c, int(torch.randint(0, 100, (1,))), 250, 50, generator) for c in chunks]
-    stacked = torch.stack([torch.stack([c.source(s, 250) for s in range(4)]) for c in crops]).float()
-    for config in (AugmentConfig(), AugmentConfig(flip_sign=False, remix=False), AugmentConfig(remix_group=3)):
-        fast = assemble_batch(crops, 250, config, torch.Generator().manual_seed(9))
-        reference = augment_batch(stacked, config, torch.Generator().manual_seed(9))
-        assert fast.dtype == torch.float32 and torch.equal(fast, reference)
-
-
 def test_a_brace_pattern_trains_on_the_named_shards(synth_shards):
     pattern = str(synth_shards) + "/train/{000000..000002}.tar"
     manifest = read_manifest(pattern)
-    assert [s["name"] for s in manifest["train"]] == [f"train/00000{i}.tar" for i in range(3)]
-    assert len(manifest["valid"]) == len(read_manifest(str(synth_shards))["valid"])
-    segment = 20000
-    batches = list(train_loader(pattern, manifest, segment=segment, batch_size=2, batches=2, epoch=0, seed=0,
-                                rank=0, world_size=1, workers=0, augment=AugmentConfig()))  # fmt: skip
-    assert len(batches) == 2 and batches[0][1].shape == (2, 4, 2, segment)
+    assert [s.name for s in manifest.train] == [f"train/00000{i}.tar" for i in range(3)]
+    assert manifest.valid == read_manifest(synth_shards).valid
+    batches = batches_of(pattern, manifest, segment=20000, batch_size=2, batches=2)
+    assert len(batches) == 2 and batches[0].sources.shape == (2, 4, 2, 20000)
+    assert {o.chunk.rsplit("/", 1)[0] for b in batches for o in b.origins} <= {s.name for s in manifest.train}
     with pytest.raises(UserError, match="not training shards"):
         read_manifest(str(synth_shards) + "/train/{000000,999999}.tar")
+
+
+def test_transitional_train_loader_gives_augmented_float32_mix_and_sources(synth_shards):
+    manifest = read_manifest(synth_shards)
+    options = dict(segment=SEGMENT, batch_size=4, batches=2, epoch=0, seed=0, rank=0, world_size=1, workers=0)
+    loader = train_loader(str(synth_shards), manifest.to_dict(), augment=AugmentConfig(shift=SHIFT), **options)
+    pairs = list(loader)
+    assert len(pairs) == len(loader) == 2 and loader.bad_shards == 0
+    for mix, sources in pairs:
+        assert mix.dtype == sources.dtype == torch.float32 and sources.shape == (4, 4, 2, SEGMENT)
+        torch.testing.assert_close(mix, sources.sum(1), rtol=0, atol=0)
+
+
+# Songs mixing: 16 songs of 3.5 s, lean chunks of ~2 s every ~1 s (3 per song) with 4 crops each,
+# ~4 chunks per shard (12 shards), read by 2 ranks x 2 workers in device batches of 4.
+MIX_SONGS, CROPS, GROUP = 16, 4, 4
+
+
+@pytest.fixture(scope="module")
+def mixing_shards(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("mixing")
+    root = synthesize(work / "musdb", train=MIX_SONGS, valid=1, test=0, seconds=3.5, seed=1)
+    options = [a for a in SHARD_ARGS if a not in ("--shard-size", "3")]
+    shard_main(["--musdb", str(root), "--is-wav", "--out", str(work / "shards"), *options,
+                "--crops", str(CROPS), "--shard-size", "6"])  # fmt: skip
+    return work / "shards"
+
+
+def uniform_same_song_fraction(examples_per_song: list[int], group: int) -> float:
+    """P(a group of `group` examples drawn uniformly without replacement holds 2+ of one song):
+    1 - e_group(n_1..n_k) / C(total, group), e the elementary symmetric polynomial of the counts."""
+    symmetric = [1] + [0] * group
+    for count in examples_per_song:
+        for k in range(group, 0, -1):
+            symmetric[k] += symmetric[k - 1] * count
+    return 1 - symmetric[group] / math.comb(sum(examples_per_song), group)
+
+
+def test_remix_groups_mix_songs_like_a_uniform_shuffle_and_never_repeat_a_chunk(mixing_shards):
+    """Through the real loader (DataLoader workers), the fraction of Remix groups (4 consecutive
+    examples of a rank) holding 2+ examples of one song is at most 1.5x a uniform shuffle's, and no
+    group holds two crops of one chunk (overlapping audio)."""
+    manifest = read_manifest(mixing_shards)
+    assert len(manifest.train) >= 8 and len(manifest.songs.train) == MIX_SONGS
+    per_song = Counter()
+    for chunk in stored_chunks(mixing_shards):
+        per_song[chunk.rsplit("/", 1)[1].split("_")[0]] += CROPS
+    uniform = uniform_same_song_fraction(list(per_song.values()), GROUP)
+    groups = []
+    for epoch in range(3):
+        for rank in range(2):
+            batches = batches_of(mixing_shards, manifest, batch_size=4, batches=24, epoch=epoch, rank=rank,
+                                 world_size=2, workers=2, augment=AugmentConfig(shift=SHIFT))  # fmt: skip
+            examples = [origin for batch in batches for origin in batch.origins]
+            groups += [examples[i : i + GROUP] for i in range(0, len(examples), GROUP)]
+    same_song = sum(len({o.song for o in g}) < GROUP for g in groups) / len(groups)
+    same_chunk = sum(len({o.chunk for o in g}) < GROUP for g in groups)
+    assert same_chunk == 0
+    assert same_song <= 1.5 * uniform, (same_song, uniform)
+
+
+def test_uniform_fraction_formula():
+    assert uniform_same_song_fraction([1, 1, 1, 1], 4) == 0  # 4 songs, one example each: always distinct
+    assert uniform_same_song_fraction([4], 4) == 1
+    rng = np.random.default_rng(0)
+    examples = np.repeat(np.arange(5), 6)
+    groups = [rng.permutation(examples)[:4] for _ in range(20000)]
+    simulated = np.mean([len(set(g)) < 4 for g in groups])
+    assert simulated == pytest.approx(uniform_same_song_fraction([6] * 5, 4), abs=0.01)

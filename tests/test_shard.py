@@ -139,17 +139,32 @@ def test_paper_and_report_chunkings_plan_the_documented_counts(synth_root):
     base = dict(musdb=str(synth_root), is_wav=True, segment=0.5, shift=0.25)
     length = 5 * SAMPLERATE
     paper, tasks, _ = make_plan(ShardConfig(chunking="paper", **base))
-    L = paper["chunking"]["training_length"]
+    L = paper.chunking.training_length
     chunks = sum(len(t.items) for t in tasks if t.name.startswith("train/"))
     assert chunks == 4 * ((length - L) // SAMPLERATE + 1)  # 4 songs, one chunk of L every second
-    assert paper["chunking"]["chunk_length"] == L and paper["chunking"]["crops"] == 1
+    assert paper.chunking.chunk_length == L and paper.chunking.crops == 1
     report, tasks, _ = make_plan(ShardConfig(chunking="report", chunks_per_minute=60, **base))
     starts = [start for t in tasks if t.name.startswith("train/") for _, start, _ in t.items]
     assert len(starts) == 4 * 5 and all(0 <= s <= length - L for s in starts)  # 60/min of 5 s songs
     again, tasks_again, _ = make_plan(ShardConfig(chunking="report", chunks_per_minute=60, **base))
     assert [t.items for t in tasks] == [t.items for t in tasks_again]  # seeded positions
     counted, _, _ = make_plan(ShardConfig(valid_tracks="3", **base))  # a count, like the report's 16 of 100
-    assert len(counted["songs"]["valid"]) == 3 and len(counted["songs"]["train"]) == 3
+    assert len(counted.songs.valid) == 3 and len(counted.songs.train) == 3
+
+
+def test_every_song_is_spread_over_the_shards(synth_shards):
+    """On disk, training chunks lie in a seeded random order over all shards, not song after song:
+    consecutive chunks (across the shards, in order) rarely share a song, and most shards hold 2 songs."""
+    manifest = json.loads((synth_shards / "manifest.json").read_text())
+    order, per_shard = [], []
+    for shard in manifest["train"]:
+        songs = [json.loads(sample["json"])["song"] for sample in tar_samples(synth_shards / shard["name"]).values()]
+        order += songs
+        per_shard.append(len(set(songs)))
+    assert len(order) == 16 and len(set(order)) == 4  # 4 songs x 4 chunks, 2 chunks per shard
+    repeats = sum(a == b for a, b in zip(order, order[1:]))
+    assert repeats <= 6  # a random order gives 3 on average; song after song gives 12
+    assert sum(count > 1 for count in per_shard) >= len(per_shard) // 2  # song after song: none
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(synth_root, tmp_path, capsys):

@@ -1,22 +1,22 @@
 """Training augmentations (the paper's): Shift, FlipSign, FlipChannels and Remix.
 
 They act on sources only; the training mixture is the sum of the augmented sources, so it
-always matches its targets. Shapes: a crop's sources are (sources, channels, time); a batch is
-(batch, sources, channels, time). Every random choice comes from an explicit `torch.Generator`,
-so a seed and an epoch decide the batches.
+always matches its targets. Every random choice comes from an explicit `torch.Generator`, so a
+seed, an epoch, a rank and a step decide them.
 
-Two forms of the same thing:
-- `flip_sign`, `flip_channels`, `remix`: on a float batch tensor (readable, usable anywhere);
-- `assemble_batch`: the loader's fast path. It draws the same random choices in the same order
-  and writes each (item, source, channel) of the float32 batch once, straight from the stored
-  float16 chunk: crop, shift, sign, channel swap, remix and the fp16 -> fp32 conversion in one
-  copy (per-op passes over a ~60 MB batch cost more than reading the data).
+Where each runs:
+- Shift (`shift_crop`) on the host, in the loader: each source of an example is cropped at its own
+  offset from the stored chunk, which is all the loader copies (in the stored dtype, float16 by default).
+- FlipSign, FlipChannels and Remix (`augment_step`) on the device, over all examples of one
+  optimizer step (device batch x accumulation): the random choices are drawn on the CPU (a few
+  integers per example) and applied by one gather and one multiply on the device, which also
+  turns float16 into float32. Remix groups therefore span micro-batches: with a device batch of 2
+  and 2 accumulation steps, the 4 examples of a step form one group, as in a batch of 4.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import torch
 
@@ -30,8 +30,12 @@ class AugmentConfig:
     shift: float = option(1.0, "random per-source offset in [0, SHIFT) seconds before cropping (0 = off)")
     flip_sign: bool = option(True, "multiply each item's source by +1 or -1 at random (FlipSign)")
     flip_channels: bool = option(True, "swap left and right of each item's source with p=0.5 (FlipChannels)")
-    remix: bool = option(True, "permute each source across the items of a group of the batch (Remix)")
-    remix_group: int = option(4, "items per Remix group; an incomplete last group is remixed within itself")
+    remix: bool = option(True, "permute each source across the examples of a group (Remix)")
+    remix_group: int = option(
+        4,
+        "consecutive examples of an optimizer step per Remix group (groups span micro-batches); "
+        "an incomplete last group is remixed within itself",
+    )
 
 
 @dataclasses.dataclass
@@ -81,56 +85,33 @@ def draw_remix(batch: int, count: int, group: int, generator: torch.Generator) -
     return index
 
 
-def flip_sign(sources: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Multiply every (item, source) of a batch (B, S, C, T) by +1 or -1 at random."""
-    signs = draw_signs(sources.shape[0], sources.shape[1], generator)
-    return sources * signs[..., None, None].to(sources.dtype)
+def augment_step(sources: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """FlipSign, FlipChannels (stereo) and Remix of the examples `sources` (N, S, C, T), any dtype,
+    on any device; returns a new float32 tensor (N, S, C, T) on the same device.
 
-
-def flip_channels(sources: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Swap the two channels of every (item, source) of a stereo batch (B, S, 2, T) with p=0.5."""
-    swaps = draw_swaps(sources.shape[0], sources.shape[1], generator)
-    return torch.where(swaps[..., None, None], sources.flip(2), sources)
-
-
-def remix(sources: torch.Tensor, group: int, generator: torch.Generator) -> torch.Tensor:
-    """Give every source an independent random permutation of the items of its group (Remix)."""
-    index = draw_remix(sources.shape[0], sources.shape[1], group, generator)
-    return sources[index, torch.arange(sources.shape[1])]
-
-
-def augment_batch(sources: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """FlipSign, then FlipChannels, then Remix of a batch (B, S, C, T), as `config` enables them."""
-    if config.flip_sign:
-        sources = flip_sign(sources, generator)
-    if config.flip_channels and sources.shape[2] == 2:
-        sources = flip_channels(sources, generator)
-    if config.remix and config.remix_group > 1:
-        sources = remix(sources, config.remix_group, generator)
-    return sources
-
-
-def assemble_batch(
-    crops: Sequence[Crop], length: int, config: AugmentConfig, generator: torch.Generator
-) -> torch.Tensor:
-    """The float32 batch (B, S, C, length) that `augment_batch` would make of the stacked crops,
-    drawing the same random choices, but written in one copy per (item, source, channel)."""
-    batch, (count, channels) = len(crops), crops[0].chunk.shape[:2]
-    signs = draw_signs(batch, count, generator) if config.flip_sign else torch.ones(batch, count, dtype=torch.long)
-    swap = config.flip_channels and channels == 2
-    swaps = draw_swaps(batch, count, generator) if swap else torch.zeros(batch, count, dtype=torch.bool)
-    if config.remix and config.remix_group > 1:
-        index = draw_remix(batch, count, config.remix_group, generator)
+    FlipSign and FlipChannels are drawn per example and per source; Remix gives every source its
+    own permutation of each group of `config.remix_group` consecutive examples (an incomplete last
+    group is permuted within itself). Output item b, source s is source s of example
+    index[b, s], sign-flipped and channel-swapped by that example's draws for source s.
+    `generator` is a CPU generator: the draws are small and made on the CPU (the same on any
+    device), then used as indices on the device.
+    """
+    items, count, channels = sources.shape[:3]
+    signs = draw_signs(items, count, generator) if config.flip_sign else None
+    swaps = draw_swaps(items, count, generator) if config.flip_channels and channels == 2 else None
+    remixed = config.remix and config.remix_group > 1
+    if remixed:
+        origin = draw_remix(items, count, config.remix_group, generator)
     else:
-        index = torch.arange(batch)[:, None].repeat(1, count)
-    out = torch.empty(batch, count, channels, length, dtype=torch.float32)
-    for item in range(batch):
-        for source in range(count):
-            origin = int(index[item, source])  # Remix: the item this source comes from
-            data = crops[origin].source(source, length)
-            for channel in range(channels):
-                read = channels - 1 - channel if swaps[origin, source] else channel
-                out[item, source, channel].copy_(data[read])  # fp16 -> fp32 here
-            if signs[origin, source] < 0:
-                out[item, source].neg_()
-    return out
+        origin = torch.arange(items)[:, None].expand(items, count)
+    source = torch.arange(count)[None, :].expand(items, count)
+    if remixed or swaps is not None:
+        channel = torch.arange(channels)[None, None, :].expand(items, count, channels)
+        if swaps is not None:
+            channel = torch.where(swaps[origin, source][..., None], channel.flip(-1), channel)
+        device = sources.device
+        sources = sources[origin[..., None].to(device), source[..., None].to(device), channel.to(device)]
+    if signs is None:
+        return sources.to(torch.float32, copy=True)
+    scale = signs[origin, source].to(torch.float32)[..., None, None].to(sources.device)
+    return sources * scale  # float16 x float32: one pass that also converts to float32

@@ -1,20 +1,29 @@
 """Streaming training and validation data from the shards that `demucs-dist shard` writes.
 
-Where shards live (`shards`): a local folder, a URL base that webdataset opens (`http://...`,
-`s3://...` through its handlers), or a template with `{}` standing for a path inside the shard
-folder, such as `pipe:aws s3 cp s3://bucket/shards/{} -`. The folder holds `manifest.json`,
-`train/*.tar` and `valid/*.tar`; the manifest lists the shards and says how chunks were cut.
+Where shards live and what the manifest holds: `manifest.py`.
 
 Training stream, per epoch:
 1. The train shards are shuffled with (seed, epoch) and dealt to the world_size x workers
    "slots" (one per worker of each rank), balancing sample counts: slots read disjoint shards.
    With fewer shards than slots every slot reads all shards and keeps every n-th sample instead.
 2. Each worker cycles through its shards (reshuffled each pass), a few open at once and
-   interleaved so that a batch mixes songs; each stored chunk yields `crops` random crops of
-   the training length plus the shift (the storage-lean chunking stores fewer, longer chunks).
-3. A shuffle buffer, then Shift (per-source crop), batching, FlipSign, FlipChannels and Remix;
-   the mixture is the sum of the augmented sources.
-4. Every rank stops after exactly `batches` batches (uneven ranks would hang DDP).
+   interleaved. The writer has already spread every song's chunks over all shards.
+3. Crop pool: each worker holds `pool_chunks` decoded chunks (default POOL_CHUNKS = 16) and
+   draws every example from a random one of them, which gives one crop of the training length
+   plus the shift; a chunk leaves the pool (for the next one of the stream) once it has given its
+   `crops` crops (11 for the lean default: those crops are spread over ~11 x 16 examples rather
+   than given back to back). The draw skips the chunks of the songs of the last
+   `remix_group` - 1 examples when it can, and always skips their chunks: no Remix group of
+   consecutive examples holds two crops of one chunk (overlapping audio) as long as the pool holds
+   at least `remix_group` distinct chunks, and a group repeats a song only when the pool's other
+   songs have just been used. Memory per worker: the pool, pool_chunks x one chunk
+   (4 sources x 2 channels x chunk length x 2 bytes: 15.9 MB for the lean default's 22.5 s
+   float16 chunks, so 254 MB; 7.9 MB and 127 MB with --chunking paper), plus the batches in flight.
+4. Batching: a batch is the Shift-ed crops (each source at its own offset) in their stored dtype,
+   (batch, sources, channels, samples), with where each came from (`TrainBatch`). No mixture and
+   no float32 copy on the host: FlipSign, FlipChannels, Remix, the float32 conversion and the
+   mixture happen on the device over a whole optimizer step (`augment.augment_step`).
+5. Every rank stops after exactly `batches` batches (uneven ranks would hang DDP).
 
 A shard that cannot be read (truncated, corrupt tar, undecodable array) stops training with a
 message naming it (`--on-bad-shard stop`), or is skipped with a warning and counted (`skip`): the
@@ -25,27 +34,29 @@ worker's traceback in the message, and the user should get one line.
 
 from __future__ import annotations
 
+import collections
 import io
 import itertools
 import json
+import math
 import os
-import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import webdataset as wds
-from braceexpand import braceexpand
 
 from ..config import option
 from ..errors import UserError
-from .augment import AugmentConfig, Crop, assemble_batch, shift_crop
+from .augment import AugmentConfig, Crop, augment_step, shift_crop
+from .manifest import MANIFEST, Manifest, shard_url, split_pattern  # noqa: F401 (MANIFEST, split_pattern: re-exported)
+from .manifest import read_manifest as _read_manifest
 
-MANIFEST = "manifest.json"
-INTERLEAVE = 4  # shards a worker reads at once: batches mix songs even when a shard holds few
+INTERLEAVE = 4  # shards a worker reads at once
+POOL_CHUNKS = 16  # decoded chunks a worker draws crops from (memory: see the module docstring)
 
 
 @dataclass
@@ -71,6 +82,31 @@ class _ShardReadError(Exception):
     """Raised inside a worker's stream in `stop` mode; turned into a fatal BadShard."""
 
 
+class Origin(NamedTuple):
+    """Where one training example comes from."""
+
+    song: str
+    chunk: str  # "train/NNNNNN.tar/<sample key>": one stored chunk
+    start: int  # crop start in the chunk, samples
+    offsets: tuple[int, ...]  # Shift: each source's extra offset from `start`, samples
+
+
+@dataclass
+class TrainBatch:
+    """One batch of training crops, before augmentation.
+
+    sources: (batch, sources, channels, samples) in the shards' stored dtype (float16 by default),
+    Shift-ed and cropped; origins: where each example comes from; slot: the rank x workers slot
+    (rank * workers + worker) that made it."""
+
+    sources: torch.Tensor
+    origins: tuple[Origin, ...]
+    slot: int
+
+    def pin_memory(self) -> TrainBatch:  # called by DataLoader(pin_memory=True)
+        return TrainBatch(self.sources.pin_memory(), self.origins, self.slot)
+
+
 @dataclass
 class ValidSong:
     """One whole validation song, z-scored with its own mean and std (as stored in the shards)."""
@@ -80,63 +116,6 @@ class ValidSong:
     sources: torch.Tensor  # (sources, channels, time) float32
     mean: float
     std: float
-
-
-# A brace pattern such as "shards/train/{000000..000009}.tar" (not the "{}" template).
-_BRACES = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
-
-
-def split_pattern(shards: str) -> tuple[str, set[str] | None]:
-    """(shard folder or URL, selected shard names or None for all).
-
-    A brace pattern names shard files, e.g. ".../train/{000000..000009}.tar": the folder two levels
-    up holds the manifest, and only the named training shards are read.
-    """
-    if not _BRACES.search(shards):
-        return shards, None
-    urls = list(braceexpand(shards))
-    base = urls[0].rsplit("/", 2)[0]
-    if any(not url.startswith(base + "/") or url.count("/") != urls[0].count("/") for url in urls):
-        raise UserError(
-            f"{shards}: a brace pattern must name shard files of one shard folder (<folder>/train/NAME.tar)"
-        )
-    return base, {url[len(base) + 1 :] for url in urls}
-
-
-def shard_url(shards: str, relative: str) -> str:
-    """URL of `relative` (e.g. 'train/000000.tar') in the shard folder, URL, template or brace pattern `shards`."""
-    shards = split_pattern(shards)[0]
-    if "{}" in shards:
-        return shards.replace("{}", relative)
-    return shards.rstrip("/") + "/" + relative
-
-
-def read_manifest(shards: str) -> dict:
-    """Read `manifest.json` from a shard folder or URL; UserError if it is missing or not a manifest."""
-    url = shard_url(os.fspath(shards), MANIFEST)
-    is_local = "://" not in url and not url.startswith("pipe:")
-    if is_local and not os.path.isfile(url):
-        raise UserError(f"no {MANIFEST} in {shards}: write shards first (demucs-dist shard --out {shards} ...)")
-    try:
-        with wds.gopen(url, "rb") as stream:
-            manifest = json.loads(stream.read())
-    except Exception as exc:  # gopen raises plain OSError/ValueError for unreachable URLs
-        raise UserError(f"cannot read {url}: {exc}") from None
-    if not isinstance(manifest, dict) or "train" not in manifest or "chunking" not in manifest:
-        raise UserError(f"{url} is not a demucs_dist shard manifest")
-    selected = split_pattern(os.fspath(shards))[1]
-    if selected is not None:  # a brace pattern: train on the named shards only (validation stays whole)
-        known = {shard["name"] for shard in manifest["train"]}
-        unknown = sorted(selected - known)
-        if unknown:
-            raise UserError(f"{shards}: not training shards of {url}: {', '.join(unknown[:3])}")
-        manifest = dict(manifest, train=[shard for shard in manifest["train"] if shard["name"] in selected])
-    return manifest
-
-
-def examples_per_epoch(manifest: dict) -> int:
-    """Training examples one epoch draws: stored chunks times the crops taken from each."""
-    return sum(shard["samples"] for shard in manifest["train"]) * manifest["chunking"]["crops"]
 
 
 def _generator(*key: int) -> torch.Generator:
@@ -149,7 +128,13 @@ def _permutation(items: list, generator: torch.Generator) -> list:
     return [items[i] for i in torch.randperm(len(items), generator=generator).tolist()]
 
 
-def slot_shards(manifest: dict, *, epoch: int, seed: int, world_size: int, workers: int) -> list[tuple[list[str], int]]:
+def _pick(count: int, generator: torch.Generator) -> int:
+    return int(torch.randint(0, count, (1,), generator=generator))
+
+
+def slot_shards(
+    manifest: Manifest, *, epoch: int, seed: int, world_size: int, workers: int
+) -> list[tuple[list[str], int]]:
     """For each slot (rank * workers + worker) its train shard names and a sample stride.
 
     A stride of 1 means "every sample of these shards"; with fewer shards than slots every slot
@@ -158,20 +143,20 @@ def slot_shards(manifest: dict, *, epoch: int, seed: int, world_size: int, worke
     The assignment depends on (seed, epoch) only, so all ranks compute the same one.
     """
     slots = world_size * max(1, workers)
-    shards = _permutation([s for s in manifest["train"] if s["samples"] > 0], _generator(seed, epoch, 7))
+    shards = _permutation([s for s in manifest.train if s.samples > 0], _generator(seed, epoch, 7))
     if not shards:
         raise UserError("the manifest lists no training samples")
     if len(shards) < slots:
-        names = [s["name"] for s in shards]
+        names = [s.name for s in shards]
         return [(names, slots) for _ in range(slots)]
     # Largest first (ties keep the shuffled order), each to the slot holding the fewest samples.
-    shards.sort(key=lambda s: -s["samples"])
+    shards.sort(key=lambda s: -s.samples)
     assigned: list[list[str]] = [[] for _ in range(slots)]
     totals = [0] * slots
     for shard in shards:
         slot = totals.index(min(totals))
-        assigned[slot].append(shard["name"])
-        totals[slot] += shard["samples"]
+        assigned[slot].append(shard.name)
+        totals[slot] += shard.samples
     return [(names, 1) for names in assigned]
 
 
@@ -191,12 +176,29 @@ def read_samples(url: str) -> Iterator[dict]:
     yield from wds.tarfile_samples([{"url": url}])
 
 
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor; in a DataLoader worker, in shared memory from the start, so that handing
+    it to the training process costs no copy (torch would otherwise copy it into shared memory)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+@dataclass
+class _Pooled:
+    chunk: str
+    song: str
+    data: torch.Tensor  # (sources, channels, samples), stored dtype
+    left: int  # crops still to draw from it
+
+
 class _TrainStream(torch.utils.data.IterableDataset):
     """The batches of one rank; in a DataLoader each worker produces its own share."""
 
-    def __init__(self, shards: str, manifest: dict, segment: int, batch_size: int, epoch: int, seed: int,
-                 rank: int, world_size: int, workers: int, augment: AugmentConfig,
-                 on_bad_shard: str = "stop"):  # fmt: skip
+    def __init__(self, shards: str, manifest: Manifest, segment: int, batch_size: int, epoch: int, seed: int,
+                 rank: int, world_size: int, workers: int, max_shift: int, spacing: int,
+                 pool_chunks: int = POOL_CHUNKS, on_bad_shard: str = "stop"):  # fmt: skip
         super().__init__()
         self.on_bad_shard = on_bad_shard
         self.bad: list[str] = []  # warnings about skipped shards, not yet sent (per worker process)
@@ -204,31 +206,19 @@ class _TrainStream(torch.utils.data.IterableDataset):
         self.known_bad: set[str] = set()
         self.shards, self.manifest, self.segment, self.batch_size = shards, manifest, segment, batch_size
         self.epoch, self.seed, self.rank, self.world_size, self.workers = epoch, seed, rank, world_size, workers
-        self.augment = augment
-        self.max_shift = int(round(augment.shift * manifest["samplerate"]))
-        self.crops = manifest["chunking"]["crops"]
+        self.max_shift, self.spacing, self.pool_chunks = max_shift, max(1, spacing), max(1, pool_chunks)
+        self.crops = manifest.chunking.crops
         self.slot_shards = slot_shards(manifest, epoch=epoch, seed=seed, world_size=world_size, workers=workers)
         # Number of each shard's first sample in manifest order: the sample split keeps sample n in slot n % slots.
-        counts = [s["samples"] for s in manifest["train"]]
-        firsts = itertools.accumulate([0] + counts[:-1])
-        self.first_sample = {s["name"]: first for s, first in zip(manifest["train"], firsts)}
-
-    def buffer_size(self, slot: int) -> int:
-        """Shuffle buffer: 64 examples or 4 batches, but never more than one pass over the slot's
-        examples (a tiny dataset would otherwise fill it by repeating itself)."""
-        names, stride = self.slot_shards[slot]
-        counts = {s["name"]: s["samples"] for s in self.manifest["train"]}
-        examples = sum(counts[name] for name in names) // stride * self.crops
-        return max(1, min(max(64, 4 * self.batch_size), examples))
+        firsts = itertools.accumulate([0] + [s.samples for s in manifest.train[:-1]])
+        self.first_sample = {s.name: first for s, first in zip(manifest.train, firsts)}
 
     def slot(self, worker: int) -> int:
         return self.rank * max(1, self.workers) + worker
 
-    def chunks(
-        self, worker: int, generator: torch.Generator, passes: int | None = None
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """(shard/key, chunk) of this worker's stored chunks: its shards in a new order each pass,
-        a few interleaved; endlessly unless `passes` is given."""
+    def chunks(self, worker: int, generator: torch.Generator, passes: int | None = None) -> Iterator[_Pooled]:
+        """This worker's stored chunks: its shards in a new order each pass, a few interleaved;
+        endlessly unless `passes` is given."""
         slot = self.slot(worker)
         names, stride = self.slot_shards[slot]
         for _ in itertools.count() if passes is None else range(passes):
@@ -236,7 +226,7 @@ class _TrainStream(torch.utils.data.IterableDataset):
             opened = list(itertools.islice(pending, INTERLEAVE))  # generators: a shard opens when first read
             produced = 0
             while opened:
-                pick = int(torch.randint(0, len(opened), (1,), generator=generator))
+                pick = _pick(len(opened), generator)
                 try:
                     yield next(opened[pick])
                     produced += 1
@@ -252,7 +242,7 @@ class _TrainStream(torch.utils.data.IterableDataset):
                     + (" (or every one of its shards was skipped as unreadable)" if self.bad_seen else "")
                 )
 
-    def _stream(self, name: str, stride: int, slot: int) -> Iterator[tuple[str, torch.Tensor]]:
+    def _stream(self, name: str, stride: int, slot: int) -> Iterator[_Pooled]:
         if name in self.known_bad:  # skipped once already: not read (nor reported) again
             return
         first = self.first_sample[name]
@@ -260,8 +250,8 @@ class _TrainStream(torch.utils.data.IterableDataset):
         try:
             for index, sample in enumerate(read_samples(url), start=first):
                 if index % stride == slot % stride:
-                    key = f"{name}/{sample['__key__']}"
-                    yield key, decode_array(sample["sources.npy"])
+                    song = json.loads(sample["json"])["song"]
+                    yield _Pooled(f"{name}/{sample['__key__']}", song, decode_array(sample["sources.npy"]), self.crops)
         except Exception as exc:  # tarfile, gopen, numpy and webdataset raise many kinds on bad bytes
             message = f"training shard {url} cannot be read ({_reason(exc)})"
             if self.on_bad_shard == "stop":
@@ -273,42 +263,59 @@ class _TrainStream(torch.utils.data.IterableDataset):
             self.bad_seen = True
             self.known_bad.add(name)
 
-    def examples(self, worker: int, generator: torch.Generator) -> Iterator[Crop]:
-        """Shifted crops of the stored chunks (views: nothing is copied until the batch is made)."""
+    def examples(self, worker: int, generator: torch.Generator) -> Iterator[tuple[Crop, Origin]]:
+        """Shifted crops drawn from the pool of decoded chunks (views: copied when batched)."""
         span = self.segment + self.max_shift
-        for _, chunk in self.chunks(worker, generator):
-            room = chunk.shape[-1] - span  # crop starts in [0, room]
-            if room < 0:
+        stream = self.chunks(worker, generator)
+
+        def enter() -> _Pooled:
+            chunk = next(stream)
+            if chunk.data.shape[-1] < span:
                 raise UserError(
-                    f"a stored chunk has {chunk.shape[-1]} samples but training needs {span} "
+                    f"a stored chunk has {chunk.data.shape[-1]} samples but training needs {span} "
                     f"(segment {self.segment} + shift {self.max_shift}): shard with a longer --segment or --shift"
                 )
-            for _ in range(self.crops):
-                start = int(torch.randint(0, room + 1, (1,), generator=generator))
-                yield shift_crop(chunk, start, self.segment, self.max_shift, generator)
+            return chunk
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        pool = [enter() for _ in range(self.pool_chunks)]
+        recent: collections.deque[tuple[str, str]] = collections.deque(maxlen=self.spacing - 1)
+        while True:
+            chunks, songs = {c for c, _ in recent}, {s for _, s in recent}
+            eligible = [i for i, p in enumerate(pool) if p.song not in songs and p.chunk not in chunks]
+            eligible = eligible or [i for i, p in enumerate(pool) if p.chunk not in chunks] or list(range(len(pool)))
+            index = eligible[_pick(len(eligible), generator)]
+            chosen = pool[index]
+            start = _pick(chosen.data.shape[-1] - span + 1, generator)
+            crop = shift_crop(chosen.data, start, self.segment, self.max_shift, generator)
+            yield crop, Origin(chosen.song, chosen.chunk, start, tuple(crop.offsets))
+            recent.append((chosen.chunk, chosen.song))
+            chosen.left -= 1
+            if chosen.left == 0:
+                pool[index] = enter()
+
+    def batch(self, crops: list[Crop]) -> torch.Tensor:
+        """(batch, sources, channels, segment) in the stored dtype: one copy per example and source."""
+        first = crops[0].chunk
+        out = _batch_tensor((len(crops), *first.shape[:2], self.segment), first.dtype)
+        for item, crop in enumerate(crops):
+            for source in range(first.shape[0]):
+                out[item, source].copy_(crop.source(source, self.segment))
+        return out
+
+    def __iter__(self) -> Iterator[TrainBatch | BadShard]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         generator = _generator(self.seed, self.epoch, self.rank, worker)
-        buffer: list[Crop] = []
-        batch: list[Crop] = []
-        buffer_size = self.buffer_size(self.slot(worker))
+        batch: list[tuple[Crop, Origin]] = []
         try:
             for example in self.examples(worker, generator):
                 while self.bad:
                     yield BadShard(self.bad.pop(0), fatal=False)
-                # Shuffle buffer: each new example replaces a random one, which goes to the batch.
-                if len(buffer) < buffer_size:
-                    buffer.append(example)
-                    continue
-                pick = int(torch.randint(0, len(buffer), (1,), generator=generator))
-                buffer[pick], example = example, buffer[pick]
                 batch.append(example)
                 if len(batch) == self.batch_size:
-                    sources = assemble_batch(batch, self.segment, self.augment, generator)
+                    crops, origins = zip(*batch)
                     batch = []
-                    yield sources.sum(1), sources
+                    yield TrainBatch(self.batch(list(crops)), tuple(origins), self.slot(worker))
         except _ShardReadError as exc:
             while self.bad:
                 yield BadShard(self.bad.pop(0), fatal=False)
@@ -316,7 +323,7 @@ class _TrainStream(torch.utils.data.IterableDataset):
 
 
 class TrainLoader:
-    """Exactly `batches` batches of (mix (B, C, T), sources (B, S, C, T)) float32 per iteration."""
+    """Exactly `batches` TrainBatch items per iteration."""
 
     def __init__(self, stream: _TrainStream, batches: int, workers: int):
         self.stream, self.batches, self.workers = stream, batches, workers
@@ -325,14 +332,14 @@ class TrainLoader:
     def __len__(self) -> int:
         return self.batches
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[TrainBatch]:
         # The stream is endless; cutting it here is what gives every rank the same batch count.
         loader = torch.utils.data.DataLoader(
             self.stream,
             batch_size=None,
             num_workers=self.workers,
             prefetch_factor=2 if self.workers else None,
-            pin_memory=torch.cuda.is_available(),  # faster host-to-GPU copies of the ~60 MB batches
+            pin_memory=torch.cuda.is_available(),  # faster host-to-GPU copies
         )
         iterator = iter(loader)
         try:
@@ -353,9 +360,9 @@ class TrainLoader:
             del iterator  # stops the worker processes now rather than at garbage collection
 
 
-def train_loader(
+def train_batches(
     shards: str,
-    manifest: dict,
+    manifest: Manifest,
     *,
     segment: int,
     batch_size: int,
@@ -366,43 +373,49 @@ def train_loader(
     world_size: int,
     workers: int,
     augment: AugmentConfig,
+    pool_chunks: int = POOL_CHUNKS,
     on_bad_shard: str = "stop",
 ) -> TrainLoader:
-    """One epoch of training batches for `rank`: exactly `batches` batches on every rank.
+    """One epoch of training batches for `rank`: exactly `batches` TrainBatch items on every rank.
 
     segment: the model's input length in samples (model.valid_length(seconds * samplerate)).
-    Each batch is (mix (B, C, segment), sources (B, S, C, segment)), float32, mix == sources.sum(1).
-    The same (seed, epoch, rank, world_size, workers) gives the same batches.
+    Each batch's `sources` is (batch_size, S, C, segment) in the stored dtype, cropped with
+    `augment.shift`; apply `augment.augment_step` on the device (mixture = its sum over sources).
+    `augment.remix_group` sets how far apart two crops of one chunk (and, when it can, one song) are.
+    The same (seed, epoch, rank, world_size, workers, pool_chunks) gives the same batches.
     on_bad_shard: 'stop' (UserError naming an unreadable shard) or 'skip' (warn, count, go on).
     """
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} outside world size {world_size}")
-    if batch_size < 1 or batches < 0 or segment < 1:
-        raise UserError(f"batch_size {batch_size}, batches {batches}, segment {segment}: must be positive")
-    shortest = manifest["chunking"]["min_chunk_length"]
-    needed = segment + int(round(augment.shift * manifest["samplerate"]))
-    if shortest < needed:
+    if batch_size < 1 or batches < 0 or segment < 1 or pool_chunks < 1:
         raise UserError(
-            f"the shards' chunks have {shortest} samples but training needs {needed} "
+            f"batch_size {batch_size}, batches {batches}, segment {segment}, pool_chunks {pool_chunks}: "
+            "must be positive"
+        )
+    shortest = manifest.chunking.min_chunk_length
+    max_shift = int(round(augment.shift * manifest.samplerate))
+    if shortest < segment + max_shift:
+        raise UserError(
+            f"the shards' chunks have {shortest} samples but training needs {segment + max_shift} "
             f"(segment {segment} + shift {augment.shift} s): reshard with a longer --segment or --shift, "
             "or train with a shorter segment or --shift"
         )
     if on_bad_shard not in ("stop", "skip"):
         raise UserError(f"on_bad_shard {on_bad_shard!r}: must be 'stop' or 'skip'")
-    stream = _TrainStream(
-        shards, manifest, segment, batch_size, epoch, seed, rank, world_size, workers, augment, on_bad_shard
-    )
+    stream = _TrainStream(shards, manifest, segment, batch_size, epoch, seed, rank, world_size, workers,
+                          max_shift, augment.remix_group, pool_chunks, on_bad_shard)  # fmt: skip
     return TrainLoader(stream, batches, workers)
 
 
-def valid_songs(shards: str, manifest: dict, *, rank: int, world_size: int) -> Iterator[ValidSong]:
+def valid_songs(shards: str, manifest: Manifest | dict, *, rank: int, world_size: int) -> Iterator[ValidSong]:
     """The whole validation songs of `rank`: song i (in manifest order) goes to rank i % world_size."""
-    order = {name: i for i, name in enumerate(manifest["songs"]["valid"])}
+    manifest = _typed(manifest)
+    order = {name: i for i, name in enumerate(manifest.songs.valid)}
     mine = {name for name, i in order.items() if i % world_size == rank}
-    for shard in manifest["valid"]:
-        if not mine.intersection(shard["songs"]):
+    for shard in manifest.valid:
+        if not mine.intersection(shard.songs):
             continue
-        url = shard_url(shards, shard["name"])
+        url = shard_url(shards, shard.name)
         try:
             found = []
             for sample in read_samples(url):
@@ -423,3 +436,49 @@ def valid_songs(shards: str, manifest: dict, *, rank: int, world_size: int) -> I
                 "check the shards with `demucs-dist shard --verify --out DIR`"
             ) from None
         yield from found
+
+
+# Transitional entry points for the trainer of before the device-side augmentation: the manifest
+# as a plain dict and batches of augmented float32 (mix, sources). To be removed once the trainer
+# takes `train_batches` and `manifest.read_manifest`.
+
+
+def _typed(manifest: Manifest | dict) -> Manifest:
+    return manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest)
+
+
+def read_manifest(shards: str | os.PathLike) -> dict:
+    """The checked manifest (see `manifest.read_manifest`) as a plain dict."""
+    return _read_manifest(shards).to_dict()
+
+
+def examples_per_epoch(manifest: Manifest | dict) -> int:
+    """Training examples one pass draws: stored chunks times the crops taken from each."""
+    return _typed(manifest).examples_per_epoch()
+
+
+class _AugmentedLoader:
+    """`TrainLoader` whose batches are augmented on the host, one micro-batch at a time."""
+
+    def __init__(self, loader: TrainLoader, augment: AugmentConfig, seed: int, epoch: int, rank: int):
+        self.loader, self.augment, self.key = loader, augment, (seed, epoch, rank)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def bad_shards(self) -> int:
+        return self.loader.bad_shards
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for index, batch in enumerate(self.loader):
+            sources = augment_step(batch.sources, self.augment, _generator(*self.key, index))
+            yield sources.sum(1), sources
+
+
+def train_loader(
+    shards: str, manifest: Manifest | dict, *, augment: AugmentConfig, on_bad_shard: str = "stop", **options: Any
+) -> _AugmentedLoader:
+    """`train_batches` augmented per batch on the host: (mix, sources) float32 (transitional)."""
+    loader = train_batches(shards, _typed(manifest), augment=augment, on_bad_shard=on_bad_shard, **options)
+    return _AugmentedLoader(loader, augment, options["seed"], options["epoch"], options["rank"])

@@ -4,9 +4,9 @@ Output (`--out`):
     train/NNNNNN.tar   chunks of the four sources of the training songs (key.json, key.sources.npy)
     valid/NNNNNN.tar   whole validation songs (key.json, key.mix.npy, key.sources.npy)
     manifest.json      sample rate, sources, chunking, dtype, per-song statistics, per-shard counts,
-                       bytes and sha256: everything the loader needs
-Every stream of a song is z-scored with the mean and std of the song's mono mixture; each sample's
-json carries its song, offset (samples), mean and std.
+                       bytes and sha256: everything the loader needs (`manifest.Manifest`)
+Every stream of a song is z-scored with the mean and std of the song's mono mixture
+(`songs.song_statistics`); each sample's json carries its song, offset (samples), mean and std.
 
 Chunking (the training length L = the default model's valid_length(segment) + shift):
     lean    chunks of stride + L samples every stride (default stride = L); the loader draws
@@ -14,10 +14,17 @@ Chunking (the training length L = the default model's valid_length(segment) + sh
     paper   chunks of L every stride (default 1 s), one crop each: ~11x storage
     report  1.25 chunks of L per minute of song at random (seeded) positions, one crop each
 
-The plan (which chunk goes to which shard) depends only on the songs and the options, so a
-rerun writes the same bytes: it skips shards that are complete (a sidecar NNNNNN.tar.json is
-written after the tar; both must match) and a shard is written under a temporary name and
-renamed when complete, so a killed run never leaves a partial shard.
+Songs are mixed on disk: the training chunks of all songs are put in one seeded random order
+(`--seed`) and packed into shards in that order, so every shard holds chunks of many songs and a
+song's chunks are spread over all shards. A loader reading a few shards then still sees many
+songs. (Version 1 of the manifest packed songs one after another.) The cost: a shard task decodes
+every song it holds a chunk of, one at a time (memory: one decoded song plus the shard's bytes),
+so a set decodes each song about as many times as it has chunks (~20 for a MUSDB18 song, lean).
+
+The plan (which chunk goes to which shard, in which order) depends only on the songs and the
+options, so a rerun writes the same bytes: it skips shards that are complete (a sidecar
+NNNNNN.tar.json is written after the tar; both must match) and a shard is written under a
+temporary name and renamed when complete, so a killed run never leaves a partial shard.
 """
 
 from __future__ import annotations
@@ -41,18 +48,27 @@ import soundfile
 from tqdm import tqdm
 
 from .. import AUDIO_CHANNELS, SAMPLERATE, SOURCES
-from ..apply import SILENCE_STD
 from ..config import ModelConfig, option, parse
 from ..errors import UserError, run_main
 from ..files import atomic_path, sha256_of
-from ..model import Demucs
-from .loader import MANIFEST
-from .songs import check_rate, choose_validation, open_tracks, read_song
+from ..model import valid_length
+from .manifest import (
+    MANIFEST,
+    MANIFEST_VERSION,
+    Chunking,
+    Manifest,
+    PlannedBytes,
+    ShardRecord,
+    SongLists,
+    SongStats,
+    read_manifest,
+    write_manifest,
+)
+from .songs import check_rate, choose_validation, open_tracks, read_song, song_statistics
 
 CHUNKINGS = ("lean", "paper", "report")
 DTYPES = ("float16", "float32")
-MANIFEST_VERSION = 1
-SHARD_NAME = re.compile(r"^\.?\d{6}\.tar(\.json)?(\.tmp\d+)?$")
+SHARD_FILE = re.compile(r"^\.?\d{6}\.tar(\.json)?(\.tmp\d+)?$")
 MEMBER_OVERHEAD = 3 * 512 + 3 * 128  # tar headers, padding and .npy headers of one sample, roughly
 
 
@@ -83,7 +99,7 @@ class ShardConfig:
     normalize: bool = option(True, "z-score every song by its mono mixture's mean and std (else mean 0, std 1)")
     shard_size: float = option(256.0, "target shard size in MB (a whole validation song may exceed it)")
     workers: int = option(min(8, os.cpu_count() or 1), "processes writing shards in parallel (1 = in this process)")
-    seed: int = option(0, "seed for --valid-tracks N, report chunk positions and the order of chunks in shards")
+    seed: int = option(0, "seed for --valid-tracks N, report chunk positions and the order of chunks over the shards")
     dry_run: bool = option(False, "print what would be written, then stop")
     verify: bool = option(False, "check the shards in --out against manifest.json (present, size, sha256), then stop")
 
@@ -101,9 +117,15 @@ class Layout:
 def layout_of(config: ShardConfig) -> Layout:
     if config.segment <= 0 or config.shift < 0 or config.stride < 0 or config.crops < 0:
         raise UserError("--segment must be > 0 and --shift, --stride, --crops >= 0")
-    # valid_length only reads depth, kernel_size, stride and context: the default ModelConfig has
-    # them, which spares building the 265M-parameter model.
-    model_input = Demucs.valid_length(ModelConfig(), int(round(config.segment * SAMPLERATE)))
+    # The default model's input length (its depth, kernel size, stride and context).
+    model = ModelConfig()
+    model_input = valid_length(
+        int(round(config.segment * SAMPLERATE)),
+        depth=model.depth,
+        kernel_size=model.kernel_size,
+        stride=model.stride,
+        context=model.context,
+    )
     training_length = model_input + int(round(config.shift * SAMPLERATE))
     if config.chunking == "lean":
         stride = int(round(config.stride * SAMPLERATE)) or training_length
@@ -173,8 +195,9 @@ def pack(items: list[tuple[str, int, int]], sizes: list[int], target: int, split
     return tasks
 
 
-def make_plan(config: ShardConfig) -> tuple[dict, list[ShardTask], dict]:
-    """Everything to write: (manifest skeleton, shard tasks, tracks by name). Reads no audio."""
+def make_plan(config: ShardConfig) -> tuple[Manifest, list[ShardTask], dict]:
+    """Everything to write: (manifest without shards and statistics yet, shard tasks, tracks by
+    name). Reads no audio."""
     if not config.musdb:
         raise UserError("--musdb is required: the MUSDB18 root folder")
     layout = layout_of(config)
@@ -188,10 +211,8 @@ def make_plan(config: ShardConfig) -> tuple[dict, list[ShardTask], dict]:
     itemsize = np.dtype(config.dtype).itemsize
     stream_bytes = AUDIO_CHANNELS * itemsize  # per sample per stream
 
-    # Songs in a seeded order (MUSDB sorts by artist): a shard holds a few unrelated songs.
-    order = [train[i] for i in np.random.default_rng(config.seed).permutation(len(train))]
     chunks, skipped = [], []
-    for name in order:
+    for name in train:
         song_chunks = plan_chunks(config, layout, name, lengths[name])
         skipped += [] if song_chunks else [name]
         chunks += [(name, start, end) for start, end in song_chunks]
@@ -200,62 +221,69 @@ def make_plan(config: ShardConfig) -> tuple[dict, list[ShardTask], dict]:
             f"every training song is shorter than one chunk ({layout.training_length / SAMPLERATE:.2f} s): "
             "use a shorter --segment or --shift"
         )
+    # Songs mixed on disk: all chunks in one seeded order, then packed, so every shard holds many songs.
+    chunks = [chunks[i] for i in np.random.default_rng([config.seed, MANIFEST_VERSION]).permutation(len(chunks))]
     target = int(config.shard_size * 1e6)
     chunk_sizes = [len(SOURCES) * (end - start) * stream_bytes + MEMBER_OVERHEAD for _, start, end in chunks]
     valid_items = [(name, 0, -1) for name in valid]
     valid_sizes = [(1 + len(SOURCES)) * lengths[name] * stream_bytes + MEMBER_OVERHEAD for name in valid]
-    salt = json.dumps([os.path.abspath(config.musdb), config.is_wav, config.dtype, config.normalize, config.seed])
+    salt = json.dumps(
+        [MANIFEST_VERSION, os.path.abspath(config.musdb), config.is_wav, config.dtype, config.normalize, config.seed]
+    )
     tasks = pack(chunks, chunk_sizes, target, "train", salt) + pack(valid_items, valid_sizes, target, "valid", salt)
 
     raw_bytes = sum(len(SOURCES) * AUDIO_CHANNELS * 2 * lengths[n] for n in train)  # 16-bit stems
-    manifest = {
-        "version": MANIFEST_VERSION,
-        "samplerate": SAMPLERATE,
-        "sources": list(SOURCES),
-        "audio_channels": AUDIO_CHANNELS,
-        "dtype": config.dtype,
-        "normalized": config.normalize,
-        "chunking": {
-            "mode": config.chunking,
-            "segment": config.segment,
-            "shift": config.shift,
-            "training_length": layout.training_length,
-            "chunk_length": layout.chunk_length,
-            "min_chunk_length": min(end - start for _, start, end in chunks),
-            "stride": layout.stride,
-            "crops": layout.crops,
-            "chunks_per_minute": config.chunks_per_minute if config.chunking == "report" else None,
-            "seed": config.seed,
-        },
-        "songs": {"train": sorted(set(train) - set(skipped)), "valid": valid, "skipped": skipped},
-        "raw_train_bytes": raw_bytes,
-        "planned_bytes": {"train": sum(chunk_sizes), "valid": sum(valid_sizes)},
-    }
+    manifest = Manifest(
+        version=MANIFEST_VERSION,
+        samplerate=SAMPLERATE,
+        sources=tuple(SOURCES),
+        audio_channels=AUDIO_CHANNELS,
+        dtype=config.dtype,
+        normalized=config.normalize,
+        chunking=Chunking(
+            mode=config.chunking,
+            segment=config.segment,
+            shift=config.shift,
+            training_length=layout.training_length,
+            chunk_length=layout.chunk_length,
+            min_chunk_length=min(end - start for _, start, end in chunks),  # planned; the written one replaces it
+            stride=layout.stride,
+            crops=layout.crops,
+            chunks_per_minute=config.chunks_per_minute if config.chunking == "report" else None,
+            seed=config.seed,
+        ),
+        songs=SongLists(train=tuple(sorted(set(train) - set(skipped))), valid=tuple(valid), skipped=tuple(skipped)),
+        stats={},
+        raw_train_bytes=raw_bytes,
+        planned_bytes=PlannedBytes(train=sum(chunk_sizes), valid=sum(valid_sizes)),
+        train=(),
+        valid=(),
+    )
     return manifest, tasks, tracks
 
 
-def describe(manifest: dict, tasks: list[ShardTask]) -> str:
+def describe(manifest: Manifest, tasks: list[ShardTask]) -> str:
     """What a run will write, in words: samples, bytes and amplification over the raw stems."""
-    chunking, planned = manifest["chunking"], manifest["planned_bytes"]
+    chunking, planned = manifest.chunking, manifest.planned_bytes
     train_tasks = [t for t in tasks if t.name.startswith("train/")]
     chunks = sum(len(t.items) for t in train_tasks)
-    raw = manifest["raw_train_bytes"]
-    sr = manifest["samplerate"]
+    raw = manifest.raw_train_bytes
+    sr = manifest.samplerate
     how = {
-        "lean": f"{chunking['chunk_length'] / sr:.2f} s chunks every {chunking['stride'] / sr:.2f} s",
-        "paper": f"{chunking['chunk_length'] / sr:.2f} s chunks every {chunking['stride'] / sr:.2f} s",
-        "report": f"{chunking['chunks_per_minute']} random {chunking['chunk_length'] / sr:.2f} s chunks per minute",
-    }[chunking["mode"]]
+        "lean": f"{chunking.chunk_length / sr:.2f} s chunks every {chunking.stride / sr:.2f} s",
+        "paper": f"{chunking.chunk_length / sr:.2f} s chunks every {chunking.stride / sr:.2f} s",
+        "report": f"{chunking.chunks_per_minute} random {chunking.chunk_length / sr:.2f} s chunks per minute",
+    }[chunking.mode]
     lines = [
-        f"train: {len(manifest['songs']['train'])} songs -> {chunks} chunks ({chunking['mode']}: {how}), "
-        f"{chunking['crops']} crop(s) each = {chunks * chunking['crops']} examples per epoch",
-        f"       {planned['train'] / 1e9:.3f} GB ({manifest['dtype']}) = {planned['train'] / max(1, raw):.2f}x "
+        f"train: {len(manifest.songs.train)} songs -> {chunks} chunks ({chunking.mode}: {how}), "
+        f"{chunking.crops} crop(s) each = {chunks * chunking.crops} examples per epoch",
+        f"       {planned.train / 1e9:.3f} GB ({manifest.dtype}) = {planned.train / max(1, raw):.2f}x "
         f"the raw 16-bit stems of the training songs ({raw / 1e9:.3f} GB)",
-        f"valid: {len(manifest['songs']['valid'])} whole songs (mixture + sources), {planned['valid'] / 1e9:.3f} GB",
+        f"valid: {len(manifest.songs.valid)} whole songs (mixture + sources), {planned.valid / 1e9:.3f} GB",
         f"shards: {len(train_tasks)} train + {len(tasks) - len(train_tasks)} valid",
     ]
-    if manifest["songs"]["skipped"]:
-        lines.append(f"skipped (shorter than one chunk): {', '.join(manifest['songs']['skipped'])}")
+    if manifest.songs.skipped:
+        lines.append(f"skipped (shorter than one chunk): {', '.join(manifest.songs.skipped)}")
     return "\n".join(lines)
 
 
@@ -265,20 +293,16 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def stored(audio: np.ndarray, mean: float, std: float, dtype: np.dtype) -> bytes:
+    """z-scored with the song's statistics, in the stored dtype, as .npy bytes."""
+    return _npy(((audio - mean) / std).astype(dtype))
+
+
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     """Add a member with fixed metadata, so the same content gives the same tar bytes."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0o444, 0, 0, "", ""
     tar.addfile(info, io.BytesIO(data))
-
-
-def song_statistics(mix: np.ndarray) -> tuple[float, float]:
-    """(mean, std) of a song's mono mixture, as `apply.normalize` computes them (unbiased std, a
-    silent song keeps std 1). numpy rather than torch: these run in forked workers, where torch's
-    thread pool inherited from a parent that used it can deadlock."""
-    ref = mix.mean(0, dtype=np.float64)
-    mean, std = float(ref.mean()), float(ref.std(ddof=1)) if ref.size > 1 else 0.0
-    return mean, std if std > SILENCE_STD else 1.0
 
 
 def finished(out: Path, task: ShardTask) -> dict | None:
@@ -298,62 +322,64 @@ _TRACKS: dict = {}
 
 
 def write_shard(task: ShardTask, config: ShardConfig, training_length: int) -> dict:
-    """Write one shard (unless already complete) and return its sidecar record."""
+    """Write one shard (unless already complete) and return its sidecar record.
+
+    Songs are decoded one at a time (a train shard holds chunks of many songs): the shard's samples
+    are encoded song by song, then written in the planned order."""
     out = Path(config.out)
     done = finished(out, task)
     if done is not None:
         return done
     dtype = np.dtype(config.dtype)
     stats: dict[str, dict] = {}
-    songs = {}
+    members: dict[int, list[tuple[str, bytes]]] = {}  # item index -> its tar members
+    lengths: dict[int, int] = {}  # item index -> stored chunk length (train)
     for name in dict.fromkeys(item[0] for item in task.items):
-        songs[name] = read_song(_TRACKS[name])
-        mean, std = song_statistics(songs[name].mix) if config.normalize else (0.0, 1.0)
-        stats[name] = {"mean": mean, "std": std, "length": songs[name].mix.shape[-1]}
+        song = read_song(_TRACKS[name])
+        mean, std = song_statistics(song.mix) if config.normalize else (0.0, 1.0)
+        length = song.mix.shape[-1]
+        stats[name] = {"mean": mean, "std": std, "length": length}
 
-    def stored(audio: np.ndarray, name: str) -> bytes:
-        """z-scored with the song's statistics, in the stored dtype, as .npy bytes."""
-        return _npy(((audio - stats[name]["mean"]) / stats[name]["std"]).astype(dtype))
-
-    items = task.items
-    if task.name.startswith("train/"):  # a seeded order within the shard, so a shard is not one song in order
-        rng = np.random.default_rng([config.seed, zlib.crc32(task.name.encode())])
-        items = [items[i] for i in rng.permutation(len(items))]
-    samples, shortest = 0, None
+        song_key = f"{zlib.crc32(name.encode()):08x}"  # keys may not contain dots, names may
+        for index, (item_song, start, end) in enumerate(task.items):
+            if item_song != name:
+                continue
+            if end < 0:  # a whole validation song
+                meta = {"song": name, "offset": 0, **stats[name]}
+                members[index] = [
+                    (f"{song_key}.json", json.dumps(meta, sort_keys=True).encode()),
+                    (f"{song_key}.mix.npy", stored(song.mix, mean, std, dtype)),
+                    (f"{song_key}.sources.npy", stored(song.sources, mean, std, dtype)),
+                ]
+                continue
+            # Stems decoded from AAC may be a little shorter than planned: keep a full example.
+            need = min(end - start, training_length)
+            end = min(end, length)
+            start = max(0, min(start, end - need))
+            if end - start < need:
+                continue
+            key = f"{song_key}_{start:010d}"
+            meta = {"song": name, "offset": start, "mean": mean, "std": std}
+            members[index] = [
+                (f"{key}.json", json.dumps(meta, sort_keys=True).encode()),
+                (f"{key}.sources.npy", stored(song.sources[..., start:end], mean, std, dtype)),
+            ]
+            lengths[index] = end - start
+        del song
     with atomic_path(out / task.name) as tmp:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for name, start, end in items:
-                song, length = songs[name], stats[name]["length"]
-                song_key = f"{zlib.crc32(name.encode()):08x}"  # keys may not contain dots, names may
-                if end < 0:  # a whole validation song
-                    key = song_key
-                    meta = {"song": name, "offset": 0, **stats[name]}
-                    _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-                    _add(tar, f"{key}.mix.npy", stored(song.mix, name))
-                    _add(tar, f"{key}.sources.npy", stored(song.sources, name))
-                    samples += 1
-                    continue
-                # Stems decoded from AAC may be a little shorter than planned: keep a full example.
-                need = min(end - start, training_length)
-                end = min(end, length)
-                start = max(0, min(start, end - need))
-                if end - start < need:
-                    continue
-                key = f"{song_key}_{start:010d}"
-                meta = {"song": name, "offset": start, "mean": stats[name]["mean"], "std": stats[name]["std"]}
-                _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-                _add(tar, f"{key}.sources.npy", stored(song.sources[..., start:end], name))
-                samples += 1
-                shortest = min(shortest or end - start, end - start)
+            for index in sorted(members):  # the planned order
+                for member, data in members[index]:
+                    _add(tar, member, data)
     tar_path = out / task.name
     record = {
         "name": task.name,
-        "samples": samples,
+        "samples": len(members),
         "bytes": tar_path.stat().st_size,
         "sha256": sha256_of(tar_path),
         "songs": list(stats),
         "stats": stats,
-        "min_chunk_length": shortest,
+        "min_chunk_length": min(lengths.values(), default=None),
         "digest": task.digest,
     }
     with atomic_path(out / (task.name + ".json")) as tmp:
@@ -368,11 +394,11 @@ def remove_stale(out: Path, tasks: list[ShardTask]) -> None:
         folder = out / split
         if folder.is_dir():
             for path in folder.iterdir():
-                if SHARD_NAME.match(path.name) and f"{split}/{path.name}" not in keep:
+                if SHARD_FILE.match(path.name) and f"{split}/{path.name}" not in keep:
                     path.unlink()
 
 
-def write_shards(config: ShardConfig) -> dict | None:
+def write_shards(config: ShardConfig) -> Manifest | None:
     """Plan, print the plan, write the shards (in parallel) and the manifest; returns the manifest
     (None for a dry run)."""
     manifest, tasks, tracks = make_plan(config)
@@ -380,7 +406,7 @@ def write_shards(config: ShardConfig) -> dict | None:
     if config.dry_run:
         return None
     out = Path(config.out)
-    training_length = manifest["chunking"]["training_length"]
+    training_length = manifest.chunking.training_length
     remove_stale(out, tasks)
     global _TRACKS
     _TRACKS = tracks
@@ -399,21 +425,25 @@ def write_shards(config: ShardConfig) -> dict | None:
                 progress.update()
     progress.close()
 
-    stats: dict[str, dict] = {}
+    stats: dict[str, SongStats] = {}
     for record in records.values():
-        stats.update(record.pop("stats"))
-        record.pop("digest")
-    manifest["stats"] = {name: stats[name] for name in sorted(stats)}
-    manifest["train"] = [records[t.name] for t in tasks if t.name.startswith("train/")]
-    manifest["valid"] = [records[t.name] for t in tasks if t.name.startswith("valid/")]
-    lengths = [r.pop("min_chunk_length") for r in manifest["train"] if r["samples"]]
-    for record in manifest["valid"]:
-        record.pop("min_chunk_length")
+        stats.update({name: SongStats(**values) for name, values in record["stats"].items()})
+
+    def shard_record(record: dict) -> ShardRecord:
+        return ShardRecord(record["name"], record["samples"], record["bytes"], record["sha256"], tuple(record["songs"]))
+
+    train = [records[t.name] for t in tasks if t.name.startswith("train/")]
+    lengths = [r["min_chunk_length"] for r in train if r["samples"]]
     if not lengths:
         raise UserError("no training chunk was written: the songs are shorter than one chunk")
-    manifest["chunking"]["min_chunk_length"] = min(lengths)  # the loader checks crops fit in it
-    with atomic_path(out / MANIFEST) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    manifest = dataclasses.replace(
+        manifest,
+        chunking=dataclasses.replace(manifest.chunking, min_chunk_length=min(lengths)),  # the loader checks crops fit
+        stats={name: stats[name] for name in sorted(stats)},
+        train=tuple(shard_record(r) for r in train),
+        valid=tuple(shard_record(records[t.name]) for t in tasks if t.name.startswith("valid/")),
+    )
+    write_manifest(out, manifest)
     total = sum(r["bytes"] for r in records.values())
     print(f"wrote {len(tasks)} shards, {total / 1e9:.3f} GB, and {out / MANIFEST}")
     return manifest
@@ -422,20 +452,18 @@ def write_shards(config: ShardConfig) -> dict | None:
 def verify_shards(out: Path) -> list[str]:
     """Problems with the shards in `out` (one line per bad shard, empty if all are whole), judged by
     the size and sha256 manifest.json recorded when each shard was written."""
-    manifest_path = out / MANIFEST
     try:
-        manifest = json.loads(manifest_path.read_text())
-        records = manifest["train"] + manifest["valid"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"cannot verify {out}: no readable {MANIFEST} ({type(exc).__name__})") from None
+        manifest = read_manifest(out)
+    except UserError as exc:
+        raise UserError(f"cannot verify {out}: {exc}") from None
     problems = []
-    for record in records:
-        path = out / record["name"]
+    for record in manifest.train + manifest.valid:
+        path = out / record.name
         if not path.is_file():
             problems.append(f"{path}: missing")
-        elif path.stat().st_size != record["bytes"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, the manifest says {record['bytes']} (truncated?)")
-        elif sha256_of(path) != record["sha256"]:
+        elif path.stat().st_size != record.bytes:
+            problems.append(f"{path}: {path.stat().st_size} bytes, the manifest says {record.bytes} (truncated?)")
+        elif sha256_of(path) != record.sha256:
             problems.append(f"{path}: sha256 differs from the manifest (corrupt)")
     return problems
 

@@ -20,6 +20,21 @@ from ..errors import UserError
 
 # A MUSDB-format root may list its own validation songs here, one name per line (`synth` writes it).
 VALIDATION_FILE = "validation_tracks.txt"
+SILENCE_STD = 1e-8  # a song whose mono mixture has a smaller std is treated as silent and not scaled
+
+
+def song_statistics(mix: np.ndarray) -> tuple[float, float]:
+    """(mean, std) of a song's mono mix-down `mix` (channels, samples): the z-score every song gets,
+    the one definition used by the shard writer and by `apply.normalize` at inference.
+
+    The std is the unbiased one; a silent song (std <= SILENCE_STD, or NaN) keeps std 1, so it is
+    centred but not divided by ~0. numpy in float64: the writer runs in forked worker processes,
+    where torch's thread pool inherited from a parent that used it can deadlock.
+    """
+    ref = np.asarray(mix).mean(0, dtype=np.float64)
+    mean = float(ref.mean()) if ref.size else 0.0
+    std = float(ref.std(ddof=1)) if ref.size > 1 else 0.0
+    return mean, std if std > SILENCE_STD else 1.0
 
 
 @dataclass
