@@ -28,6 +28,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
+from typing import IO
 
 import torch
 from accelerate import Accelerator
@@ -78,7 +79,7 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / ".lock"
-        self._file = None
+        self._file: IO[str] | None = None
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

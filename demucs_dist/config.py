@@ -48,7 +48,7 @@ def add_options(parser: argparse.ArgumentParser, config_cls: type, title: str | 
         if "help" not in meta:
             continue
         flag = meta.get("flag") or "--" + field.name.replace("_", "-")
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[operator]
         kind, is_list = _option_type(hints[field.name])
         kwargs: dict[str, Any] = dict(dest=field.name, default=default, help=meta["help"] + " (default: %(default)s)")
         if kind is bool:
@@ -67,7 +67,7 @@ def add_options(parser: argparse.ArgumentParser, config_cls: type, title: str | 
 
 def from_options(config_cls: type[T], args: argparse.Namespace) -> T:
     """Build a `config_cls` from the parsed options that `add_options` added."""
-    names = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    names = {f.name for f in dataclasses.fields(config_cls) if f.init}  # type: ignore[arg-type]
     return config_cls(**{k: v for k, v in vars(args).items() if k in names})
 
 

@@ -37,7 +37,7 @@ def valid_length(length: int, *, depth: int, kernel_size: int, stride: int, cont
     return int(length)
 
 
-def rescale_conv(conv: nn.Module, reference: float) -> None:
+def rescale_conv(conv: nn.Conv1d | nn.ConvTranspose1d, reference: float) -> None:
     """Divide a convolution's weight and bias by sqrt(std(weight) / reference).
 
     The weight's std becomes sqrt(std * reference): this is the paper's "rescaling" initialisation,

@@ -28,6 +28,7 @@ from .audio import audio_info, fit_length, read_audio, resample, write_wav
 from .config import ApplyConfig, add_options, from_options, option
 from .distributed import balance, cpus_per_process, processes_on_this_node
 from .errors import UserError, run_main
+from .model import Demucs
 
 SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
 
@@ -52,7 +53,7 @@ def song_name(path: str | Path) -> str:
 
 
 def separate_file(
-    model: torch.nn.Module, path: str | Path, out_dir: Path, apply_config: ApplyConfig, seed: int, subtype: str
+    model: Demucs, path: str | Path, out_dir: Path, apply_config: ApplyConfig, seed: int, subtype: str
 ) -> Path:
     """Separate one audio file into `out_dir/<song>/<source>.wav` at the file's own rate and length."""
     audio, rate = read_audio(path, channels=AUDIO_CHANNELS)  # native rate: the stems go back to it

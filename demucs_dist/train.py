@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +83,7 @@ class TrainConfig:
     max_nonfinite: int = option(20, "stop after this many consecutive steps with non-finite gradients (each skipped)")
     timeout: float = option(600.0, "seconds a process waits for the others before the whole job fails")
     log_audio: bool = option(True, "log audio and a spectrogram of one validation song to TensorBoard")
+    log_every: int = option(10, "write training scalars every N steps (the device is read then, not every step)")
     ema: list[float] = option(
         [],
         "decays of exponential moving averages of the weights (e.g. 0.999 0.9999), each validated next to "
@@ -108,7 +110,7 @@ class Run:
     checkpoints: Checkpoints
     progress: Progress
     run_dir: Path
-    writer: object | None  # TensorBoard SummaryWriter on rank 0
+    writer: Any  # TensorBoard SummaryWriter on rank 0, None elsewhere
     lock: RunLock | None
     faults: Faults | None
     ema: EMA | None  # weight averages (--ema), the same on every rank
@@ -167,10 +169,12 @@ def train_one_epoch(run: Run) -> float:
             check_nonfinite_streak(run, finite)
             if run.cfg.checkpoint_every and progress.step % run.cfg.checkpoint_every == 0:
                 if index + 1 < run.steps_per_epoch:  # the epoch's end saves anyway
+                    meter.flush()  # the scalars up to the checkpoint survive a crash after it
                     run.checkpoints.save(accelerator, progress, run.bare_model, run.ema)
             if run.faults:
                 run.faults.after_step(progress.step)
-    finally:
+        meter.flush()
+    finally:  # on an error, no collective here: another rank may not be raising
         meter.close()
     run.bad_shards += batches.bad_shards
     return accelerator.reduce(loss_sum, reduction="mean").item() / max(1, finite_steps)
@@ -237,10 +241,16 @@ def check_nonfinite_streak(run: Run, applied: bool) -> None:
 
 
 class StepMeter:
-    """Timing, TensorBoard scalars and the progress bar of the training steps of one epoch."""
+    """Timing, TensorBoard scalars and the progress display of one epoch's steps.
+
+    The loss and gradient norm stay on the device and are read every --log-every steps in one go
+    (one all-reduce, one host synchronisation for all of them), so that the training step itself
+    waits for the device only once, for its finite check.
+    """
 
     def __init__(self, run: Run, initial: int):
         self.run = run
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, dict[str, float]]] = []
         self.bar = progress_bar(
             run.steps_per_epoch,
             f"epoch {run.progress.epoch + 1}",
@@ -259,28 +269,40 @@ class StepMeter:
 
     def step_done(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         run = self.run
-        step_loss = run.accelerator.reduce(loss, reduction="mean").item()
         seconds = time.perf_counter() - self.step_start
-        if run.writer is not None:
-            step = run.progress.step
-            examples_per_s = run.cfg.global_batch / seconds
-            scalars = {
-                "train/loss": step_loss,
-                "train/lr": run.optimizer.param_groups[0]["lr"],
-                "train/grad_norm": grad_norm.item(),
-                "train/examples_per_s": examples_per_s,
-                "train/audio_seconds_per_s": examples_per_s * run.cfg.segment,
-                "train/data_wait_fraction": self.wait / seconds,
-                "train/skipped_steps": run.progress.skipped_steps,
-                "train/peak_memory_gb": peak_memory_bytes(run.accelerator.device) / 1e9,
-            }
-            for tag, value in scalars.items():
-                run.writer.add_scalar(tag, value, step)
-            self.bar.set_postfix(
-                loss=f"{step_loss:.4f}", examples_per_s=f"{examples_per_s:.1f}", data_wait=f"{self.wait / seconds:.0%}"
-            )
+        examples_per_s = run.cfg.global_batch / seconds
+        host_values = {
+            "train/lr": run.optimizer.param_groups[0]["lr"],
+            "train/examples_per_s": examples_per_s,
+            "train/audio_seconds_per_s": examples_per_s * run.cfg.segment,
+            "train/data_wait_fraction": self.wait / seconds,
+            "train/skipped_steps": run.progress.skipped_steps,
+            "train/peak_memory_gb": peak_memory_bytes(run.accelerator.device) / 1e9,
+        }
+        self.pending.append((run.progress.step, loss, grad_norm, host_values))
         self.bar.update(1)
+        if len(self.pending) >= run.cfg.log_every:
+            self.flush()
         self.restart_clock()
+
+    def flush(self) -> None:
+        """Write the pending steps' scalars (every rank calls this at the same steps: a collective)."""
+        if not self.pending:
+            return
+        run = self.run
+        losses = run.accelerator.reduce(torch.stack([p[1] for p in self.pending]), reduction="mean").tolist()
+        norms = torch.stack([p[2] for p in self.pending]).tolist()
+        if run.writer is not None:
+            for (step, _, _, values), loss, norm in zip(self.pending, losses, norms):
+                for tag, value in {"train/loss": loss, "train/grad_norm": norm, **values}.items():
+                    run.writer.add_scalar(tag, value, step)
+            last = self.pending[-1][3]
+            self.bar.set_postfix(
+                loss=f"{losses[-1]:.4f}",
+                examples_per_s=f"{last['train/examples_per_s']:.1f}",
+                data_wait=f"{last['train/data_wait_fraction']:.0%}",
+            )
+        self.pending = []
 
     def close(self) -> None:
         self.bar.close()
@@ -298,9 +320,10 @@ def validation_due(run: Run) -> bool:
 def validate_all(run: Run) -> dict[str, float]:
     """The validation loss of the raw weights ("raw") and of each weight average (--ema)."""
     losses = {"raw": validate(run, log_audio=run.cfg.log_audio)}
-    for name in run.ema.shadows if run.ema is not None else []:
-        with run.ema.swapped_in(run.bare_model, name):
-            losses[name] = validate(run, log_audio=False)
+    if run.ema is not None:
+        for name in run.ema.shadows:
+            with run.ema.swapped_in(run.bare_model, name):
+                losses[name] = validate(run, log_audio=False)
     return losses
 
 
@@ -480,20 +503,23 @@ def prepare_model(accelerator: Accelerator, model_cfg: ModelConfig, cfg: TrainCo
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(bare_model)
     optimizer = torch.optim.Adam(bare_model.parameters(), lr=cfg.lr, fused=accelerator.device.type == "cuda")
-    wrapped = torch.compile(bare_model) if cfg.compile else bare_model
-    model, optimizer = accelerator.prepare(wrapped, optimizer)
+    model, optimizer = accelerator.prepare(bare_model, optimizer)
     # With mixed precision, prepare() puts autocast inside the module's forward, where it would
     # also apply to validation. Take it off: the training step autocasts explicitly.
-    if "_original_forward" in wrapped.__dict__:
-        wrapped.forward = wrapped.__dict__.pop("_original_forward")
+    if "_original_forward" in bare_model.__dict__:
+        bare_model.forward = bare_model.__dict__.pop("_original_forward")  # type: ignore[method-assign]
+    # Compiled after prepare: checkpoints hold the plain module's keys (no "_orig_mod."), so a run
+    # resumes with or without --compile.
+    if cfg.compile:
+        model = torch.compile(model)
     return model, bare_model, optimizer
 
 
-def open_tensorboard(run_dir: Path, progress: Progress, samplerate: int, config: dict):
+def open_tensorboard(run_dir: Path, progress: Progress, samplerate: int, config: dict) -> Any:
     from torch.utils.tensorboard import SummaryWriter
 
     # After a crash, events written past the checkpoint are hidden so the curves do not double back.
-    writer = SummaryWriter(str(run_dir), purge_step=progress.step + 1 if progress.step else None)
+    writer: Any = SummaryWriter(str(run_dir), purge_step=progress.step + 1 if progress.step else None)
     writer.samplerate = samplerate
     writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
     log_hparams(writer, config)

@@ -141,8 +141,13 @@ def test_bf16_autocast_runs_on_cpu(synth_shards, tmp_path):
 
 
 def test_compiled_model_exports_a_loadable_model_file(synth_shards, tmp_path):
-    """--compile wraps the model; best.th must still hold the plain Demucs weights."""
+    """--compile wraps the model; best.th and the checkpoints must still hold the plain Demucs
+    weights, so that the run resumes without --compile."""
     result = run(single_step_command(synth_shards, tmp_path, "--compile"), cpu_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     model = load_model(tmp_path / "best.th")
     assert model.kwargs["channels"] == 4
+    weights = torch.load(tmp_path / "checkpoints" / "step-00000001" / "pytorch_model.bin", weights_only=True)
+    assert not [key for key in weights if "_orig_mod" in key]
+    resumed = run(single_step_command(synth_shards, tmp_path, "--epochs", "2"), cpu_env())
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-3000:]
