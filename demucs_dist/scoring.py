@@ -1,5 +1,6 @@
-"""museval in one place: scoring songs in a pool of worker processes, the per-song json store, the
-aggregation into the SiSEC 2018 numbers, and the tables.
+"""Scoring in one place: the two scorers (bss_eval v4 in torch on the rank's device, `DeviceScorer`;
+museval in a pool of worker processes, `ScoringPool`), the per-song json store, the aggregation
+into the SiSEC 2018 numbers, and the tables.
 
 A song's scores are one file, `<out>/<subset>/<song>.json`, in museval's own format (what
 `museval.TrackStore` writes and `EvalStore.add_eval_dir(out)` reads), with one extra key,
@@ -7,17 +8,19 @@ A song's scores are one file, `<out>/<subset>/<song>.json`, in museval's own for
 atomically once museval is done, so it marks the song as finished: a rerun skips it, and a killed
 run loses only the songs still being scored.
 
-museval (bss_eval v4) takes ~0.7 s per second of audio in one process and ~20 MB of memory per
-second of audio on top of ~0.6 GB. The pool lets the device infer the next songs while earlier
-ones are scored. Songs travel to the workers as .npy files in a scratch folder rather than
-through a pipe, so a 4-minute song (~170 MB of references and estimates) is not pickled, and at
-most `2 * workers` songs wait on disk.
+Both scorers write the same json (museval's TrackStore); `demucs_dist.bss` reproduces museval's
+numbers (every frame within 1e-6 dB in the tests) many times faster, so `torch` is the default and
+scores each song on the rank's device right after its inference. museval (bss_eval v4) takes ~0.7 s
+per second of audio in one process and ~20 MB of memory per second of audio on top of ~0.6 GB. The
+pool lets the device infer the next songs while earlier ones are scored. Songs travel to the
+workers as .npy files in a scratch folder rather than through a pipe, so a 4-minute song (~170 MB
+of references and estimates) is not pickled, and at most `2 * workers` songs wait on disk.
 
 Aggregation (the 2019 code and museval's EvalStore(frames_agg="median", tracks_agg="median")):
 per song, source and metric the nanmedian over 1 s frames; per source the median over songs
 (NaN songs left out); "All" is the mean of the four sources.
 
-This module does not import torch: worker processes stay light.
+This module imports torch only inside DeviceScorer: museval worker processes stay light.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from .files import atomic_path
 METRICS = ("SDR", "SIR", "ISR", "SAR")  # the rows of the results table, in this order
 TABLE_COLUMNS = ("All", "vocals", "drums", "bass", "other")  # the report's column order
 WINDOW_SECONDS = 1.0  # museval's window and hop (SiSEC 2018)
+SCORERS = ("torch", "museval")  # demucs_dist.bss on the rank's device, or museval in CPU worker processes
 EXTRA_KEY = "demucs_dist"  # our key in museval's json: loss and provenance
 EVENTS_FILE = "events.log"
 
@@ -75,23 +79,43 @@ def read_events(out: str | os.PathLike) -> list[tuple[str, str]]:
 # Scoring one song (runs in a worker process)
 
 
+def track_store(name: str, scores: Mapping[str, np.ndarray]):
+    """A museval.TrackStore (what museval writes per song) from {"SDR": (sources, windows), "ISR":
+    .., "SIR": .., "SAR": ..} arrays in SOURCES order, as either scorer returns them."""
+    import museval  # imported late: slow, and it checks for ffmpeg at import time
+
+    store = museval.TrackStore(track_name=name, win=WINDOW_SECONDS, hop=WINDOW_SECONDS)
+    for i, source in enumerate(SOURCES):
+        store.add_target(
+            target_name=source, values={metric: np.asarray(scores[metric][i]).tolist() for metric in METRICS}
+        )
+    return store
+
+
 def score_song(name: str, references: np.ndarray, estimates: np.ndarray, samplerate: int):
     """museval (bss_eval v4, 1 s windows and hops) of four (sources, channels, samples) arrays.
 
     Returns a museval.TrackStore with one target per source, in SOURCES order.
     """
-    import museval  # imported late: slow, and it checks for ffmpeg at import time
+    import museval
 
     window = int(WINDOW_SECONDS * samplerate)
     # museval wants (sources, samples, channels), float64.
     refs = np.asarray(references, dtype=np.float64).transpose(0, 2, 1)
     ests = np.asarray(estimates, dtype=np.float64).transpose(0, 2, 1)
     sdr, isr, sir, sar = museval.evaluate(refs, ests, win=window, hop=window)
-    store = museval.TrackStore(track_name=name, win=WINDOW_SECONDS, hop=WINDOW_SECONDS)
-    for i, source in enumerate(SOURCES):
-        values = {"SDR": sdr[i].tolist(), "SIR": sir[i].tolist(), "ISR": isr[i].tolist(), "SAR": sar[i].tolist()}
-        store.add_target(target_name=source, values=values)
-    return store
+    return track_store(name, {"SDR": sdr, "ISR": isr, "SIR": sir, "SAR": sar})
+
+
+def score_song_torch(name: str, references, estimates, samplerate: int, device=None):
+    """The same TrackStore as `score_song`, computed by demucs_dist.bss (torch) on `device`
+    (default: where `references` are). references, estimates: arrays or tensors
+    (sources, channels, samples). Raises bss.SilentSourceError (a UserError) where museval would
+    refuse the song (a source or estimate silent throughout)."""
+    from .bss import bss_eval_v4
+
+    scores = bss_eval_v4(references, estimates, window_samples=int(WINDOW_SECONDS * samplerate), device=device)
+    return track_store(name, scores.numpy())
 
 
 def write_song_json(path: str | os.PathLike, store, extra: Mapping) -> None:
@@ -120,7 +144,7 @@ def run_score_job(job: ScoreJob) -> float:
     store = score_song(job.name, arrays[0], arrays[1], job.samplerate)
     del arrays
     seconds = time.perf_counter() - start
-    write_song_json(job.json_path, store, {**job.extra, "museval_seconds": round(seconds, 3)})
+    write_song_json(job.json_path, store, {**job.extra, "scorer": "museval", "museval_seconds": round(seconds, 3)})
     log_event(job.out, "scored", job.name)
     os.unlink(job.arrays_path)
     return seconds
@@ -258,6 +282,61 @@ class ScoringPool:
         else:  # interrupted: do not wait for museval; finished songs are already on disk
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._bar.close()
+
+
+class DeviceScorer:
+    """The torch scorer behind ScoringPool's interface: `submit` scores the song at once on
+    `device` (the rank's GPU, or its CPU threads), writes its json and logs it.
+
+    Scoring a 4-minute song takes a fraction of a second on a GPU, so there is nothing to overlap
+    with inference. Failures (a song museval would refuse) are collected per song, as the pool does.
+    """
+
+    def __init__(self, device, progress: bool = False, position: int = 0, desc: str = "scoring"):
+        import torch
+
+        self.device = torch.device(device)
+        self.failures: dict[str, str] = {}
+        self.scored: list[str] = []
+        self.seconds = 0.0  # spent scoring, all songs
+        self._bar = tqdm(total=0, desc=desc, unit="song", position=position, disable=not progress)
+
+    def submit(
+        self,
+        name: str,
+        references,
+        estimates,
+        json_path: str | os.PathLike,
+        out: str | os.PathLike,
+        samplerate: int,
+        extra: Mapping,
+    ) -> None:
+        """Score a song now: (sources, channels, samples) arrays or tensors."""
+        from .errors import UserError
+
+        self._bar.total += 1
+        start = time.perf_counter()
+        try:
+            store = score_song_torch(name, references, estimates, samplerate, self.device)
+        except UserError as error:
+            self.failures[name] = str(error)
+            return
+        finally:
+            self._bar.update(1)
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        write_song_json(json_path, store, {**extra, "scorer": "torch", "scoring_seconds": round(seconds, 3)})
+        log_event(out, "scored", name)
+        self.scored.append(name)
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def __enter__(self) -> DeviceScorer:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
 
 
 # ---------------------------------------------------------------------------------------------
