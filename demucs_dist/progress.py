@@ -59,6 +59,11 @@ class LineProgress:
     def set_postfix(self, **values: Any) -> None:
         self.postfix = " | ".join(f"{key.replace('_', ' ')} {value}" for key, value in values.items())
 
+    def write(self, text: str) -> None:
+        """A line of its own on stdout (as tqdm's `write`, which keeps a terminal bar intact)."""
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
     def close(self) -> None:
         if not self.closed and self.n > self.start_n:
             self._write()

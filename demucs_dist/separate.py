@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import AUDIO_CHANNELS, SOURCES
 from .apply import separate, song_seed
@@ -29,6 +28,7 @@ from .config import ApplyConfig, add_options, from_options, option
 from .distributed import balance, cpus_per_process, processes_on_this_node
 from .errors import UserError, run_main
 from .model import Demucs
+from .progress import progress_bar
 
 SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
 
@@ -105,11 +105,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     model.to(accelerator.device)
     mine = balance({p: d if d == d else 0.0 for p, d in durations.items()}, accelerator.num_processes)[rank]
     out_dir = Path(config.out)
-    for path in tqdm(mine, desc=f"rank {rank} separating", unit="file", position=rank, disable=not config.progress):
+    # Each rank has its own files: each reports its own progress, its rank in every line.
+    bar = progress_bar(len(mine), f"rank {rank} separating", "files", position=rank, disable=not config.progress)
+    for path in mine:
         folder = separate_file(
             model, path, out_dir, apply_config, song_seed(config.seed, song_name(path)), config.subtype
         )
-        tqdm.write(f"rank {rank}: {path} -> {folder}/")
+        bar.write(f"rank {rank}: {path} -> {folder}/")
+        bar.update(1)
+    bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         print(f"separated {len(names)} files into {out_dir}/ with {accelerator.num_processes} processes")

@@ -31,12 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import soundfile
-from tqdm import tqdm
 
 from .. import SAMPLERATE, SOURCES
 from ..config import option, parse
 from ..errors import UserError, run_main
 from ..files import atomic_path
+from ..progress import progress_bar
 from .songs import VALIDATION_FILE
 
 SR = SAMPLERATE
@@ -383,8 +383,11 @@ def synthesize(
     jobs = [("train", 0, i, song_name("train", i)) for i in range(train)]
     jobs += [("train", 1, i, song_name("valid", i)) for i in range(valid)]
     jobs += [("test", 2, i, song_name("test", i)) for i in range(test)]
-    for folder, subset_id, index, name in tqdm(jobs, desc="synth", unit="song", disable=len(jobs) < 4):
+    bar = progress_bar(len(jobs), "synth", "songs", disable=len(jobs) < 4)
+    for folder, subset_id, index, name in jobs:
         write_song(root, folder, name, synth_song(seed, subset_id, index, seconds), fmt)
+        bar.update(1)
+    bar.close()
     if valid:
         with atomic_path(root / VALIDATION_FILE) as tmp:
             tmp.write_text("".join(song_name("valid", i) + "\n" for i in range(valid)))
