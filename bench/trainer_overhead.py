@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from demucs_dist.config import ModelConfig
-from demucs_dist.data.augment import AugmentConfig
-from demucs_dist.data.loader import read_manifest, train_loader
+from demucs_dist.data.augment import AugmentConfig, augment_step, step_generator
+from demucs_dist.data.loader import train_batches
+from demucs_dist.data.manifest import read_manifest
 from demucs_dist.data.shard import main as shard_main
 from demucs_dist.data.synth import synthesize
 from demucs_dist.model import Demucs, center_trim
@@ -35,10 +36,12 @@ def bare_loop(model_cfg: ModelConfig, shards: str, batch: int, steps: int, segme
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
     manifest = read_manifest(shards)
     segment = model.valid_length(int(segment_s * model.samplerate))
-    batches = train_loader(shards, manifest, segment=segment, batch_size=batch, batches=steps, epoch=0, seed=0,
+    batches = train_batches(shards, manifest, segment=segment, batch_size=batch, batches=steps, epoch=0, seed=0,
                            rank=0, world_size=1, workers=1, augment=AugmentConfig())  # fmt: skip
     times, start = [], time.perf_counter()
-    for mix, sources in batches:
+    for index, item in enumerate(batches):  # augmented on the device, as the trainer does
+        sources = augment_step(item.sources, AugmentConfig(), step_generator(0, 0, 0, index))
+        mix = sources.sum(1)
         estimates = model(mix)
         loss = F.l1_loss(estimates, center_trim(sources, estimates))
         loss.backward()

@@ -31,8 +31,9 @@ from . import SOURCES
 from .apply import apply_model
 from .checkpoint import Checkpoints, Progress, RunLock, weights_are_finite
 from .config import ModelConfig, option, parse
-from .data.augment import AugmentConfig
-from .data.loader import LoaderConfig, examples_per_epoch, read_manifest, train_loader, valid_songs
+from .data.augment import AugmentConfig, augment_step, step_generator
+from .data.loader import LoaderConfig, TrainBatch, train_batches, valid_songs
+from .data.manifest import Manifest, read_manifest
 from .distributed import make_accelerator
 from .ema import EMA
 from .errors import UserError, run_main
@@ -99,7 +100,7 @@ class Run:
     augment: AugmentConfig
     loader_cfg: LoaderConfig
     accelerator: Accelerator
-    manifest: dict
+    manifest: Manifest
     device_batch: int
     accumulation: int
     steps_per_epoch: int
@@ -212,11 +213,17 @@ def train_step(run: Run, micro_batches: list) -> tuple[torch.Tensor, torch.Tenso
     return step_loss, grad_norm, applied
 
 
-def step_inputs(run: Run, micro_batches: list) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The (mixture, sources) pairs of one optimizer step, on the device."""
+def step_inputs(run: Run, micro_batches: list[TrainBatch]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The (mixture, sources) pairs of one optimizer step, on the device. The step's crops (float16
+    from the loader) are augmented together, so Remix groups span its micro-batches, with draws
+    seeded from (seed, epoch, rank, step): a resumed run draws the same. Then split back; the
+    mixture is the sum of the augmented sources."""
     device = run.accelerator.device
-    for mix, sources in micro_batches:
-        yield mix.to(device, non_blocking=True), sources.to(device, non_blocking=True)
+    sources = torch.cat([batch.sources.to(device, non_blocking=True) for batch in micro_batches])
+    key = (run.cfg.seed, run.progress.epoch, run.accelerator.process_index, run.progress.step)
+    sources = augment_step(sources, run.augment, step_generator(*key))
+    for part in sources.split(run.device_batch):
+        yield part.sum(1), part
 
 
 def steps_of(batches, accumulation: int) -> Iterator[list]:
@@ -424,14 +431,14 @@ def start_run(model_cfg: ModelConfig, cfg: TrainConfig, augment: AugmentConfig, 
     accelerator.gradient_accumulation_steps = accumulation
     manifest = read_manifest(cfg.shards)
     check_shards_fit_model(manifest, model_cfg)
-    examples = (cfg.epoch_size or examples_per_epoch(manifest)) * cfg.repeat
+    examples = (cfg.epoch_size or manifest.examples_per_epoch()) * cfg.repeat
     steps_per_epoch = examples // cfg.global_batch
     if steps_per_epoch == 0:
         raise UserError(f"an epoch of {examples} examples is smaller than --global-batch {cfg.global_batch}")
-    if augment.remix and device_batch < augment.remix_group:
+    if augment.remix and device_batch * accumulation < augment.remix_group:
         accelerator.print(
-            f"note: device batch {device_batch} < Remix group {augment.remix_group}: sources are remixed "
-            f"within each device batch of {device_batch}"
+            f"note: a process's step holds {device_batch * accumulation} examples < Remix group "
+            f"{augment.remix_group}: sources are remixed within those {device_batch * accumulation}"
         )
     accelerator.print(
         f"{world} process(es) on {accelerator.device.type}, mixed precision {accelerator.mixed_precision}: "
@@ -528,7 +535,7 @@ def open_tensorboard(run_dir: Path, progress: Progress, samplerate: int, config:
 
 def epoch_batches(run: Run):
     """This rank's loader for the current epoch: exactly steps_per_epoch x accumulation batches."""
-    return train_loader(
+    return train_batches(
         run.cfg.shards,
         run.manifest,
         segment=run.segment_samples,
@@ -540,6 +547,7 @@ def epoch_batches(run: Run):
         world_size=run.accelerator.num_processes,
         workers=run.cfg.workers,
         augment=run.augment,
+        pool_chunks=run.loader_cfg.pool_chunks,
         on_bad_shard=run.loader_cfg.on_bad_shard,
     )
 
@@ -597,17 +605,17 @@ def check_same_model(run_dir: Path, model_cfg: ModelConfig, checkpoints: Checkpo
         raise UserError(f"{run_dir} holds a run of another model ({detail}); use another --logdir or --restart")
 
 
-def check_shards_fit_model(manifest: dict, model_cfg: ModelConfig) -> None:
+def check_shards_fit_model(manifest: Manifest, model_cfg: ModelConfig) -> None:
     """Refuse, before any training, shards that this model cannot use or validate on."""
-    if not manifest.get("valid") or not manifest.get("songs", {}).get("valid"):
+    if not manifest.valid or not manifest.songs.valid:
         raise UserError("the shards hold no validation songs: reshard with --valid-tracks (a count, names or a file)")
-    rate, sources = manifest.get("samplerate"), manifest.get("sources")
-    if rate is not None and rate != model_cfg.samplerate:
+    rate, sources = manifest.samplerate, manifest.sources
+    if rate != model_cfg.samplerate:
         raise UserError(f"the shards are at {rate} Hz but the model works at {model_cfg.samplerate} Hz")
-    if sources is not None and len(sources) != model_cfg.sources:
+    if len(sources) != model_cfg.sources:
         raise UserError(f"the shards hold {len(sources)} sources ({', '.join(sources)}), the model {model_cfg.sources}")
-    if sources is not None and tuple(sources) != SOURCES[: len(sources)]:
-        raise UserError(f"the shards' source order {sources} is not {list(SOURCES)}")
+    if sources != SOURCES[: len(sources)]:
+        raise UserError(f"the shards' source order {list(sources)} is not {list(SOURCES)}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -20,7 +20,6 @@ from demucs_dist.data.loader import (
     _generator,
     _TrainStream,
     train_batches,
-    train_loader,
     valid_songs,
 )
 from demucs_dist.data.manifest import read_manifest
@@ -173,17 +172,6 @@ def test_a_brace_pattern_trains_on_the_named_shards(synth_shards):
     assert {o.chunk.rsplit("/", 1)[0] for b in batches for o in b.origins} <= {s.name for s in manifest.train}
     with pytest.raises(UserError, match="not training shards"):
         read_manifest(str(synth_shards) + "/train/{000000,999999}.tar")
-
-
-def test_transitional_train_loader_gives_augmented_float32_mix_and_sources(synth_shards):
-    manifest = read_manifest(synth_shards)
-    options = dict(segment=SEGMENT, batch_size=4, batches=2, epoch=0, seed=0, rank=0, world_size=1, workers=0)
-    loader = train_loader(str(synth_shards), manifest.to_dict(), augment=AugmentConfig(shift=SHIFT), **options)
-    pairs = list(loader)
-    assert len(pairs) == len(loader) == 2 and loader.bad_shards == 0
-    for mix, sources in pairs:
-        assert mix.dtype == sources.dtype == torch.float32 and sources.shape == (4, 4, 2, SEGMENT)
-        torch.testing.assert_close(mix, sources.sum(1), rtol=0, atol=0)
 
 
 # Songs mixing: 16 songs of 3.5 s, lean chunks of ~2 s every ~1 s (3 per song) with 4 crops each,

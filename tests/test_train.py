@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import TINY, cpu_env, launch_command, run, scalars
 
-from demucs_dist.data.loader import examples_per_epoch, read_manifest
+from demucs_dist.data.manifest import examples_per_epoch, read_manifest
 from demucs_dist.modelfile import load_model
 
 PROBE = Path(__file__).with_name("train_probe.py")

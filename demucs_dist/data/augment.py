@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 
 from ..config import option
@@ -36,6 +37,21 @@ class AugmentConfig:
         "consecutive examples of an optimizer step per Remix group (groups span micro-batches); "
         "an incomplete last group is remixed within itself",
     )
+
+
+AUGMENT_STREAM = 0x5EED  # keeps the step generators apart from the loader's (seed, epoch, rank, worker) ones
+
+
+def seeded_generator(*key: int) -> torch.Generator:
+    """A CPU torch generator seeded from several integers (seed, epoch, rank, worker or step, ...)."""
+    state = np.random.SeedSequence([k % 2**63 for k in key]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) % 2**63)
+
+
+def step_generator(seed: int, epoch: int, rank: int, step: int) -> torch.Generator:
+    """The generator of `augment_step` for one optimizer step of one rank: a function of where
+    training stands only, so a run resumed from a checkpoint draws the same choices."""
+    return seeded_generator(AUGMENT_STREAM, seed, epoch, rank, step)
 
 
 @dataclasses.dataclass

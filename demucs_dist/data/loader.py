@@ -39,7 +39,6 @@ import io
 import itertools
 import json
 import math
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,9 +50,8 @@ import webdataset as wds
 
 from ..config import option
 from ..errors import UserError
-from .augment import AugmentConfig, Crop, augment_step, shift_crop
-from .manifest import MANIFEST, Manifest, shard_url, split_pattern  # noqa: F401 (MANIFEST, split_pattern: re-exported)
-from .manifest import read_manifest as _read_manifest
+from .augment import AugmentConfig, Crop, seeded_generator, shift_crop
+from .manifest import Manifest, shard_url
 
 INTERLEAVE = 4  # shards a worker reads at once
 POOL_CHUNKS = 16  # decoded chunks a worker draws crops from (memory: see the module docstring)
@@ -67,6 +65,11 @@ class LoaderConfig:
         "stop",
         "a training shard that cannot be read: stop with its name, or skip it with a warning (counted)",
         choices=["stop", "skip"],
+    )
+    pool_chunks: int = option(
+        POOL_CHUNKS,
+        "decoded chunks each loader worker draws its crops from; memory per worker: this x one chunk "
+        "(15.9 MB for the default lean float16 chunks)",
     )
 
 
@@ -118,10 +121,7 @@ class ValidSong:
     std: float
 
 
-def _generator(*key: int) -> torch.Generator:
-    """A torch generator seeded from several integers (seed, epoch, rank, worker, ...)."""
-    state = np.random.SeedSequence([k % 2**63 for k in key]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) % 2**63)
+_generator = seeded_generator  # (seed, epoch, rank, worker) of a worker's stream
 
 
 def _permutation(items: list, generator: torch.Generator) -> list:
@@ -182,7 +182,7 @@ def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
     storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
 @dataclass
@@ -407,9 +407,8 @@ def train_batches(
     return TrainLoader(stream, batches, workers)
 
 
-def valid_songs(shards: str, manifest: Manifest | dict, *, rank: int, world_size: int) -> Iterator[ValidSong]:
+def valid_songs(shards: str, manifest: Manifest, *, rank: int, world_size: int) -> Iterator[ValidSong]:
     """The whole validation songs of `rank`: song i (in manifest order) goes to rank i % world_size."""
-    manifest = _typed(manifest)
     order = {name: i for i, name in enumerate(manifest.songs.valid)}
     mine = {name for name, i in order.items() if i % world_size == rank}
     for shard in manifest.valid:
@@ -436,49 +435,3 @@ def valid_songs(shards: str, manifest: Manifest | dict, *, rank: int, world_size
                 "check the shards with `demucs-dist shard --verify --out DIR`"
             ) from None
         yield from found
-
-
-# Transitional entry points for the trainer of before the device-side augmentation: the manifest
-# as a plain dict and batches of augmented float32 (mix, sources). To be removed once the trainer
-# takes `train_batches` and `manifest.read_manifest`.
-
-
-def _typed(manifest: Manifest | dict) -> Manifest:
-    return manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest)
-
-
-def read_manifest(shards: str | os.PathLike) -> dict:
-    """The checked manifest (see `manifest.read_manifest`) as a plain dict."""
-    return _read_manifest(shards).to_dict()
-
-
-def examples_per_epoch(manifest: Manifest | dict) -> int:
-    """Training examples one pass draws: stored chunks times the crops taken from each."""
-    return _typed(manifest).examples_per_epoch()
-
-
-class _AugmentedLoader:
-    """`TrainLoader` whose batches are augmented on the host, one micro-batch at a time."""
-
-    def __init__(self, loader: TrainLoader, augment: AugmentConfig, seed: int, epoch: int, rank: int):
-        self.loader, self.augment, self.key = loader, augment, (seed, epoch, rank)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    @property
-    def bad_shards(self) -> int:
-        return self.loader.bad_shards
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for index, batch in enumerate(self.loader):
-            sources = augment_step(batch.sources, self.augment, _generator(*self.key, index))
-            yield sources.sum(1), sources
-
-
-def train_loader(
-    shards: str, manifest: Manifest | dict, *, augment: AugmentConfig, on_bad_shard: str = "stop", **options: Any
-) -> _AugmentedLoader:
-    """`train_batches` augmented per batch on the host: (mix, sources) float32 (transitional)."""
-    loader = train_batches(shards, _typed(manifest), augment=augment, on_bad_shard=on_bad_shard, **options)
-    return _AugmentedLoader(loader, augment, options["seed"], options["epoch"], options["rank"])
