@@ -150,7 +150,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 def _convert(kind: Any, value: Any, where: str) -> Any:
     origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if dataclasses.is_dataclass(kind):
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
         return _build(kind, value, where)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
