@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.demucs_dist-installed
 
-.PHONY: setup test test-fast demo lint typecheck format clean-demo
+.PHONY: setup test test-fast demo gpu-check lint typecheck format clean-demo
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	bash launch/demo.sh
+
+# The GPU path on every GPU here (CPU part only without one): a table in runs/gpu-check/gpu_check.md (docs/gpu.md).
+gpu-check: $(STAMP)
+	VENV=$(VENV) bash launch/gpu_check.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
