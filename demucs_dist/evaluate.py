@@ -1,14 +1,16 @@
-"""`demucs-dist evaluate`: score a model on MUSDB18 songs with the shift trick and museval, on every
-device at once.
+"""`demucs-dist evaluate`: score a model on MUSDB18 songs with the shift trick and bss_eval v4
+(museval's SiSEC 2018 metrics), on every device at once.
 
     accelerate launch -m demucs_dist.evaluate --model runs/x/best.th --musdb DIR --out eval/x
     launch/evaluate.sh --model runs/x/best.th --musdb DIR --out eval/x
 
 The songs (the test subset by default) are split across the ranks balanced by duration. Each rank
-reads a song, runs shift-trick inference on its device in bounded memory (chunked) and hands the
-estimates to its own pool of museval worker processes, then goes on with the next song while the
-pool scores. Once the last song is scored, rank 0 gathers every song's scores from the output
-folder, aggregates them and prints the table.
+reads a song, runs shift-trick inference on its device in bounded memory (chunked) and scores the
+estimates: with `--scorer torch` (the default) right there on the same device (demucs_dist.bss:
+museval's numbers, in a fraction of a second per song on a GPU); with `--scorer museval` in its
+own pool of museval worker processes, going on with the next song while the pool scores. Once the
+last song is scored, rank 0 gathers every song's scores from the output folder, aggregates them
+and prints the table.
 
 Output folder (the same on every node: `--out` must be shared on a multi-node run):
     <out>/<subset>/<song>.json   museval's json for each song (+ its test loss under "demucs_dist");
@@ -31,7 +33,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +47,8 @@ from .config import ApplyConfig, option, parse
 from .errors import UserError, run_main
 from .files import atomic_path, sha256_of
 from .scoring import (
+    SCORERS,
+    DeviceScorer,
     ScoringPool,
     aggregate,
     default_workers,
@@ -74,7 +78,15 @@ class EvaluateConfig:
     label: str = option("", "name of this run in tables (default: the model file's name or the baseline)")
     loss: str = option("l1", "test loss against the normalised sources", choices=("l1", "mse"))
     seed: int = option(0, "seed of the shift offsets; each song adds a hash of its name, whatever its rank")
-    workers: int = option(0, "museval worker processes per rank (0 = the rank's cores minus one, ~4 GB each)")
+    scorer: str = option(
+        "torch",
+        "torch: bss_eval v4 on this rank's device right after inference (museval's numbers, fast); "
+        "museval: museval itself in CPU worker processes",
+        choices=SCORERS,
+    )
+    workers: int = option(
+        0, "museval worker processes per rank with --scorer museval (0 = the rank's cores minus one, ~4 GB each)"
+    )
     save_estimates: bool = option(False, "also write the separated stems as wav under <out>/estimates/")
     logdir: str = option("", "also write the scores to TensorBoard in this folder")
     compare: list[str] = option([], "results.json of other runs (e.g. a --baseline run) to add as SDR rows")
@@ -181,16 +193,81 @@ def infer_song(
 # The run
 
 
+def make_scorer(
+    config: EvaluateConfig, device: torch.device, node_processes: int, out: Path, position: int, desc: str
+) -> DeviceScorer | ScoringPool:
+    """This rank's scorer, and its share of the CPU threads.
+
+    torch: scores on `device` right after inference, so a CPU rank keeps all its cores for both.
+    museval: a pool of worker processes; a CPU rank leaves the pool its cores.
+    """
+    from .distributed import cpus_per_process
+
+    cores = cpus_per_process(node_processes)
+    if config.scorer == "torch":
+        if device.type == "cpu":
+            torch.set_num_threads(cores)
+        return DeviceScorer(device, config.progress, position=position, desc=desc)
+    workers = config.workers or default_workers(node_processes)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, cores - workers))
+    return ScoringPool(workers, out / ".scratch", max(1, cores // workers), config.progress, position, desc)
+
+
+def infer_and_score(
+    config: EvaluateConfig,
+    apply_config: ApplyConfig,
+    model: torch.nn.Module | None,
+    tracks: Mapping,
+    names: Iterable[str],
+    scorer: DeviceScorer | ScoringPool,
+    label: str,
+    device: torch.device,
+) -> tuple[list[str], dict[str, str]]:
+    """Infer each of this rank's songs and hand it to `scorer`. Returns (inferred, failures)."""
+    from .data.songs import read_song
+
+    out = Path(config.out)
+    inferred, failures = [], {}
+    for name in names:
+        json_path = song_json_path(out, config.subset, name)
+        if json_path.is_file():  # scored meanwhile by another run on the same folder
+            continue
+        try:
+            song = read_song(tracks[name])
+        except UserError as exc:  # one unreadable song must not stall the other ranks
+            failures[name] = str(exc)
+            continue
+        seed = song_seed(config.seed, name)
+        tic = time.perf_counter()
+        estimates, loss = infer_song(model, song, apply_config, seed, config.loss, device)
+        log_event(out, "inferred", name)
+        inferred.append(name)
+        if config.save_estimates:
+            for source, stem in zip(SOURCES, estimates):
+                write_wav(out / "estimates" / config.subset / name / f"{source}.wav", stem, song.samplerate, "FLOAT")
+        extra = {
+            "loss": loss,
+            "loss_kind": config.loss,
+            "seconds": song.seconds,
+            "inference_seconds": round(time.perf_counter() - tic, 3),
+            "label": label,
+            "shift_seed": seed,
+        }
+        scorer.submit(name, song.sources, estimates, json_path, out, song.samplerate, extra)
+        del song, estimates
+    return inferred, failures
+
+
 def evaluate(config: EvaluateConfig, apply_config: ApplyConfig) -> dict | None:
     """Run the whole evaluation on this rank; rank 0 returns the results (others None).
 
-    The museval workers start the way multiprocessing's forkserver does: they re-run the main
-    module, so a script that calls this must do so under `if __name__ == "__main__":`.
+    With --scorer museval, the workers start the way multiprocessing's forkserver does: they re-run
+    the main module, so a script that calls this must do so under `if __name__ == "__main__":`.
     """
     from accelerate.utils import broadcast_object_list, gather_object
 
-    from .data.songs import read_song
-    from .distributed import balance, cpus_per_process, make_accelerator, processes_on_this_node
+    from .distributed import balance, make_accelerator, processes_on_this_node
     from .modelfile import load_model, read_model_file
 
     started = time.time()
@@ -216,57 +293,22 @@ def evaluate(config: EvaluateConfig, apply_config: ApplyConfig) -> dict | None:
     mine = balance(remaining, world)[rank]
 
     node_processes = processes_on_this_node(accelerator)
-    workers = config.workers or default_workers(node_processes)
     device = accelerator.device
-    if device.type == "cpu":  # leave the pool its cores
-        torch.set_num_threads(max(1, cpus_per_process(node_processes) - workers))
     model = None
     if config.model:
         model = load_model(config.model).to(device)
     label = config.label or (Path(config.model).stem if config.model else f"{config.baseline} baseline")
 
-    inferred, failures = [], {}
     bar = tqdm(mine, desc=f"rank {rank} inference", unit="song", position=rank, disable=not config.progress)
-    threads = max(1, cpus_per_process(node_processes) // workers)
-    pool = ScoringPool(
-        workers, out / ".scratch", threads, config.progress, position=world + rank, desc=f"rank {rank} scoring"
-    )
-    with pool:
-        for name in bar:
-            json_path = song_json_path(out, config.subset, name)
-            if json_path.is_file():  # scored meanwhile by another run on the same folder
-                continue
-            try:
-                song = read_song(tracks[name])
-            except UserError as exc:  # one unreadable song must not stall the other ranks
-                failures[name] = str(exc)
-                continue
-            seed = song_seed(config.seed, name)
-            tic = time.perf_counter()
-            estimates, loss = infer_song(model, song, apply_config, seed, config.loss, device)
-            log_event(out, "inferred", name)
-            inferred.append(name)
-            if config.save_estimates:
-                for source, stem in zip(SOURCES, estimates):
-                    write_wav(
-                        out / "estimates" / config.subset / name / f"{source}.wav", stem, song.samplerate, "FLOAT"
-                    )
-            extra = {
-                "loss": loss,
-                "loss_kind": config.loss,
-                "seconds": song.seconds,
-                "inference_seconds": round(time.perf_counter() - tic, 3),
-                "label": label,
-                "shift_seed": seed,
-            }
-            pool.submit(name, song.sources, estimates, json_path, out, song.samplerate, extra)
-            del song, estimates
-    failures.update(pool.failures)
+    scorer = make_scorer(config, device, node_processes, out, position=world + rank, desc=f"rank {rank} scoring")
+    with scorer:
+        inferred, failures = infer_and_score(config, apply_config, model, tracks, bar, scorer, label, device)
+    failures.update(scorer.failures)
     bar.close()
 
     # The gather: every rank reports what it did (this also waits for the slowest rank), then
     # rank 0 reads every song's json from the shared folder.
-    reports = gather_object([{"rank": rank, "inferred": inferred, "scored": pool.scored, "failures": failures}])
+    reports = gather_object([{"rank": rank, "inferred": inferred, "scored": scorer.scored, "failures": failures}])
     all_failures = {name: why for report in reports for name, why in report["failures"].items()}
     if all_failures:
         listing = "; ".join(f"{name}: {why}" for name, why in sorted(all_failures.items()))
@@ -308,6 +350,7 @@ def gather_results(
         "loss_kind": config.loss,
         "shifts": apply_config.shifts if config.model else 0,
         "seed": config.seed,
+        "scorer": config.scorer,
         **aggregate({name: read_song_json(path) for name, path in paths.items()}),
         "this_run": {
             "processes": len(reports),
