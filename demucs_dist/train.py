@@ -52,7 +52,9 @@ class TrainConfig:
     """Training (defaults: the paper's)"""
 
     shards: str = option("shards", "folder (or URL base) with manifest.json and the train/ and valid/ shards")
-    logdir: str = option("runs/demucs", "run folder: TensorBoard events, checkpoints, best.th, last.th")
+    logdir: str = option(
+        "runs/demucs", "run folder: TensorBoard events, checkpoints, init.th (untrained), best.th, last.th"
+    )
     restart: bool = option(False, "delete the checkpoints in --logdir and start over (default: resume)")
     epochs: int = option(120, "epochs (paper: 120 with --repeat 2; report: 240 with --repeat 1)")
     repeat: int = option(2, "passes over the shards' training examples per epoch")
@@ -128,6 +130,8 @@ def train(
     """Run (or resume) a training run; returns it as it ended (progress, this process's model, averages)."""
     run = start_run(model_cfg, cfg, augment, loader_cfg or LoaderConfig())
     try:
+        if run.progress.step == 0 and run.accelerator.is_main_process:
+            export(run, run.run_dir / "init.th")  # the untrained model: the floor an evaluation compares to
         if run.progress.epoch >= cfg.epochs:
             run.say(f"{run.run_dir} has finished its {cfg.epochs} epochs already (raise --epochs, or --restart)")
         while run.progress.epoch < cfg.epochs:

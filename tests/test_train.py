@@ -6,9 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import TINY, cpu_env, launch_command, run, scalars
 
+from demucs_dist.data.loader import valid_songs
 from demucs_dist.data.manifest import examples_per_epoch, read_manifest
+from demucs_dist.model import center_trim
 from demucs_dist.modelfile import load_model
 
 PROBE = Path(__file__).with_name("train_probe.py")
@@ -132,12 +135,24 @@ def single_step_command(shards: Path, logdir: Path, *extra: str) -> list:
     return launch_command(command, launcher="python")
 
 
-def test_bf16_autocast_runs_on_cpu(synth_shards, tmp_path):
-    """bf16 is allowed on CPU (fp16 is refused: see test_train_plan); one step and a validation."""
+def test_bf16_training_validates_in_fp32(synth_shards, tmp_path):
+    """bf16 is allowed on CPU (fp16 is refused: see test_train_plan). The validation loss that picks
+    best.th is the 2019 protocol's: each song whole, in one fp32 pass; here recomputed by hand."""
     result = run(single_step_command(synth_shards, tmp_path, "--mixed-precision", "bf16"), cpu_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mixed precision bf16" in result.stdout and "epoch 1/1" in result.stdout
-    assert load_model(tmp_path / "best.th").kwargs["channels"] == 4
+    model = load_model(tmp_path / "last.th")  # the weights validation ran with (saved after it)
+    assert load_model(tmp_path / "init.th").kwargs == model.kwargs  # the untrained floor
+    torch.set_num_threads(1)  # as the trainer ran (OMP_NUM_THREADS=1): the same summation order
+    losses = []
+    for song in valid_songs(str(synth_shards), read_manifest(str(synth_shards)), rank=0, world_size=1):
+        length = song.mix.shape[-1]
+        excess = model.valid_length(length) - length
+        with torch.no_grad():
+            estimates = model(F.pad(song.mix, (excess // 2, excess - excess // 2))[None])[0]
+        losses.append(F.l1_loss(center_trim(estimates, length), song.sources).double())
+    reference = torch.stack(losses).mean().float()
+    assert torch.tensor(scalars(tmp_path, "valid/loss")[-1][1]) == reference  # TensorBoard stores float32
 
 
 def test_compiled_model_exports_a_loadable_model_file(synth_shards, tmp_path):
