@@ -18,7 +18,9 @@ train/data_wait_fraction, steps after the first few), the peak memory of the bus
 achieved TFLOP/s per device and its share of the GPU's dense bf16 peak (known GPUs only), the
 dtype the BLSTM ran in during the training steps (a forward hook: it must be float32 under
 autocast), and whether every rank ended with the same weights as each other and as last.th.
-The table is printed and written to OUT/gpu_check.md (and OUT/gpu_check.json).
+The table is printed and written to OUT/gpu_check.md (and OUT/gpu_check.json). A run's
+checkpoints and model files are deleted once it is measured (--keep-runs keeps them), except the
+last.th that evaluation and separation use.
 
 Without a GPU (or with --cpu) it runs what a CPU can: a tiny model (channels 4, depth 3, one LSTM
 layer, 0.5 s examples) in fp32 and bf16 on 2 gloo processes, the kill and resume, evaluation and
@@ -110,6 +112,7 @@ class Row:
     lstm: str = "?"
     resume: str = "-"
     weights: str = "?"
+    skipped_steps: int | None = None  # non-finite steps not applied (fp16: the loss scaler's first steps)
     seconds: float = 0.0
     checksum: str = ""  # of the final weights, when every rank and last.th agree
     logdir: str = ""
@@ -424,6 +427,8 @@ class Check:
             row.tflops = row.examples_per_s / self.plan.devices * self.flops_per_example / 1e12
         if wait:
             row.data_wait = statistics.fmean(wait)
+        skipped = scalar_values(logdir, "train/skipped_steps", 0)
+        row.skipped_steps = int(skipped[-1]) if skipped else None
         reports = [json.loads(p.read_text()) for p in sorted(logdir.glob(REPORT.format(rank="*")))]
         if len(reports) != self.plan.devices:
             row.problems.append(f"{len(reports)} rank reports, {self.plan.devices} expected")
@@ -508,11 +513,9 @@ class Check:
         self.count_flops()
         for precision in plan.precisions:
             for variant in plan.variants:
-                self.rows.append(self.training(precision, variant))
-                self.report_row(self.rows[-1])
+                self.add(self.training(precision, variant))
         if not self.args.skip_resume:
-            self.rows.append(self.resume())
-            self.report_row(self.rows[-1])
+            self.add(self.resume())
         model = self.model_for_inference()
         if model is None:
             self.notes.append("evaluation and separation skipped: no training run finished")
@@ -549,6 +552,20 @@ class Check:
                 "(nvidia-smi -L and CUDA_VISIBLE_DEVICES): the runs used launch/run.sh's count"
             )
 
+    def add(self, row: Row) -> None:
+        """Report a finished training run and free its disk space: at channels 64 a run holds a
+        3.2 GB checkpoint and 1.1 GB per model file. Kept: TensorBoard events, logs, rank reports,
+        and last.th of the first good run (evaluation and separation use it)."""
+        self.rows.append(row)
+        self.report_row(row)
+        if self.args.keep_runs or not row.logdir:
+            return
+        logdir = Path(row.logdir)
+        shutil.rmtree(logdir / "checkpoints", ignore_errors=True)
+        (logdir / "best.th").unlink(missing_ok=True)
+        if self.model_for_inference() != logdir / "last.th":
+            (logdir / "last.th").unlink(missing_ok=True)
+
     def model_for_inference(self) -> Path | None:
         for row in self.rows:
             model = Path(row.logdir) / "last.th"
@@ -584,15 +601,15 @@ class Check:
             + "; TFLOP/s per device and its share of the device's dense bf16 peak (TFLOP/s).",
             "",
             "| run | device | examples/s | data wait | peak memory | TFLOP/s per device | share of bf16 peak "
-            "| LSTM dtype | resume OK | weights equal across ranks | seconds |",
-            "|---|---|---:|---:|---:|---:|---:|---|---|---|---:|",
+            "| LSTM dtype | skipped steps | resume OK | weights equal across ranks | seconds |",
+            "|---|---|---:|---:|---:|---:|---:|---|---:|---|---|---:|",
         ]
         for r in self.rows:
             name = r.name if r.ok else f"{r.name} (FAILED)"
             lines.append(
                 f"| {name} | {r.device} | {fmt(r.examples_per_s, '.2f')} | {fmt(r.data_wait, '.3f')} | "
-                f"{fmt(r.peak_gb, '.2f')} GB | {fmt(r.tflops, '.3g')} | {r.share} | {r.lstm} | {r.resume} | "
-                f"{r.weights} | {r.seconds:.0f} |"
+                f"{fmt(r.peak_gb, '.2f')} GB | {fmt(r.tflops, '.3g')} | {r.share} | {r.lstm} | "
+                f"{fmt(r.skipped_steps, 'd')} | {r.resume} | {r.weights} | {r.seconds:.0f} |"
             )
         if self.others:
             lines += ["", "| check | result | seconds | note |", "|---|---|---:|---|"]
@@ -686,6 +703,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-shifts", type=int, default=10, help="shifts of the evaluation")
     parser.add_argument("--separate-minutes", type=float, default=10.0, help="length of the file to separate (0: skip)")
     parser.add_argument("--skip-resume", action="store_true", help="leave out the kill and resume")
+    parser.add_argument("--keep-runs", action="store_true", help="keep every run's checkpoints and model files")
     parser.add_argument("--skip-evaluate", action="store_true", help="leave out the evaluation")
     args = parser.parse_args(argv)
     if args.steps < 8:

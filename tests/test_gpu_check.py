@@ -65,6 +65,7 @@ def test_cpu_part_trains_resumes_evaluates_separates_and_writes_the_table(tmp_pa
         assert row["weights equal across ranks"].startswith("yes (2 ranks = last.th"), row
         assert float(row["examples/s"]) > 0 and 0 <= float(row["data wait"]) <= 1, row
         assert row["device"].startswith("CPU") and row["share of bf16 peak"] == "?"
+        assert row["skipped steps"] == "0"
     fp32, bf16, resumed = training
     assert fp32["resume OK"] == bf16["resume OK"] == "-"
     # Checkpoints every 2 steps, killed after step 5: resumed from step 4, and on CPU the resumed
@@ -77,3 +78,6 @@ def test_cpu_part_trains_resumes_evaluates_separates_and_writes_the_table(tmp_pa
     ]
     assert "- fp16 (loss scaling needs a GPU" in table
     assert "FAILED" not in table and "Problems:" not in table
+    # Measured runs give their disk back; the first run's last.th served evaluation and separation.
+    assert not list(out.glob("runs/*/checkpoints")) and not list(out.glob("runs/*/best.th"))
+    assert [path.parent.name for path in out.glob("runs/*/last.th")] == ["fp32"]
