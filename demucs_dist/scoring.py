@@ -391,8 +391,8 @@ def aggregate(documents: Mapping[str, Mapping]) -> dict:
 
 def format_table(results: Mapping, compare: Mapping[str, Mapping] | None = None) -> str:
     """A markdown table shaped like the report's: rows SDR, SAR, SIR, ISR and the loss; columns
-    All, vocals, drums, bass, other. `compare` ({label: results}) adds one SDR row per other run
-    (e.g. the mixture baseline)."""
+    All, vocals, drums, bass, other. `compare` ({label: results}) adds, per other run (e.g. the
+    untrained model, the mixture baseline), its SDR row and this run's SDR gain over it."""
     scores = results["scores"]
     title = f"{results.get('label', 'model')} ({len(results.get('songs', {}))} songs)"
     lines = [f"| {title} | " + " | ".join(TABLE_COLUMNS) + " |", "|---" + "|---:" * len(TABLE_COLUMNS) + "|"]
@@ -402,7 +402,8 @@ def format_table(results: Mapping, compare: Mapping[str, Mapping] | None = None)
     lines.append(f"| {loss_name} | {_number(results['loss'])} |" + " |" * (len(TABLE_COLUMNS) - 1))
     for label, other in (compare or {}).items():
         row = " | ".join(_number(other["scores"][c]["SDR"]) for c in TABLE_COLUMNS)
-        lines.append(f"| SDR ({label}) | {row} |")
+        gain = " | ".join(f"{scores[c]['SDR'] - other['scores'][c]['SDR']:+.3f}" for c in TABLE_COLUMNS)
+        lines += [f"| SDR ({label}) | {row} |", f"| SDR gain over {label} | {gain} |"]
     return "\n".join(lines)
 
 

@@ -24,10 +24,15 @@ step "3/5 training"
 launch/train.sh --shards "$demo/shards" --logdir "$demo/runs/demo" "${model[@]}" --segment 2 \
   --epochs "$epochs" --repeat "$repeat" --valid-every 3 --global-batch 16 --max-device-batch 8 --workers 1 --lr 1e-3
 
-step "4/5 evaluation: shift trick on the test songs, museval"
+step "4/5 evaluation: shift trick on the test songs, museval's metrics"
+# Two floors: the mixture as every estimate (no separation at all), and the same model untrained
+# (its initial weights, init.th, through the same pipeline): the gain over it is what training bought.
 launch/evaluate.sh --baseline mixture --musdb "$demo/musdb" --is-wav --out "$demo/eval/mixture" --label "mixture baseline"
+launch/evaluate.sh --model "$demo/runs/demo/init.th" --musdb "$demo/musdb" --is-wav --out "$demo/eval/untrained" \
+  --shifts 2 --label "untrained model"
 launch/evaluate.sh --model "$demo/runs/demo/best.th" --musdb "$demo/musdb" --is-wav --out "$demo/eval/model" \
-  --shifts 2 --label "demo model" --logdir "$demo/runs/demo" --compare "$demo/eval/mixture/results.json"
+  --shifts 2 --label "demo model" --logdir "$demo/runs/demo" \
+  --compare "$demo/eval/untrained/results.json" "$demo/eval/mixture/results.json"
 
 step "5/5 done"
 echo "results: $demo/eval/model/results.md"

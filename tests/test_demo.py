@@ -26,6 +26,9 @@ def test_demo_pipeline_beats_the_mixture_baseline(tmp_path):
     baseline = json.loads((tmp_path / "eval/mixture/results.json").read_text())["scores"]
     gains = {s: model[s]["SDR"] - baseline[s]["SDR"] for s in SOURCES}
     assert all(gain >= MIN_GAIN_DB for gain in gains.values()), gains
+    untrained = json.loads((tmp_path / "eval/untrained/results.json").read_text())["scores"]
+    assert model["All"]["SDR"] > untrained["All"]["SDR"], (model["All"], untrained["All"])
+    assert "SDR gain over untrained model" in result.stdout
     # The table it prints holds the model's rows and the baseline's SDR row.
     assert "SDR (mixture baseline)" in result.stdout and "demo model" in result.stdout
     assert (tmp_path / "runs/demo/best.th").is_file()
