@@ -57,6 +57,12 @@ def read_model_file(path: str | os.PathLike) -> dict:
 def load_model(path: str | os.PathLike) -> Demucs:
     """Rebuild the model saved by `save_model`, on CPU, in eval mode."""
     package = read_model_file(path)
-    model = Demucs(**package["kwargs"])
-    model.load_state_dict(package["state"])
+    if not all(torch.isfinite(t).all() for t in package["state"].values() if t.is_floating_point()):
+        raise UserError(f"{path} holds non-finite (NaN or infinite) weights: it cannot separate anything")
+    try:
+        model = Demucs(**package["kwargs"])
+        model.load_state_dict(package["state"])
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:  # a right header with wrong contents
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path} is a damaged demucs_dist model file ({reason})") from None
     return model.eval()

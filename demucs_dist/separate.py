@@ -41,7 +41,7 @@ class SeparateConfig:
     out: str = option("separated", "output folder: OUT/<song>/{drums,bass,other,vocals}.wav")
     subtype: str = option("PCM_16", "wav sample format of the stems", choices=SUBTYPES)
     seed: int = option(0, "seed of the shift offsets (each song adds a hash of its name)")
-    timeout: float = option(3600.0, "seconds a rank waits for the others at the end")
+    timeout: float = option(3600.0, "seconds a rank waits for the others at the end", minimum=1)
     progress: bool = option(True, "a progress bar per rank")
 
 

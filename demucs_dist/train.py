@@ -56,18 +56,20 @@ class TrainConfig:
         "runs/demucs", "run folder: TensorBoard events, checkpoints, init.th (untrained), best.th, last.th"
     )
     restart: bool = option(False, "delete the checkpoints in --logdir and start over (default: resume)")
-    epochs: int = option(120, "epochs (paper: 120 with --repeat 2; report: 240 with --repeat 1)")
-    repeat: int = option(2, "passes over the shards' training examples per epoch")
-    epoch_size: int = option(0, "training examples per pass (0 = what the shards hold)")
-    global_batch: int = option(64, "examples per optimizer step, all processes together (paper 64, report 8)")
-    max_device_batch: int = option(8, "most examples one device holds; the rest is gradient accumulation")
-    segment: float = option(10.0, "training example length in seconds (the input is its valid length)")
+    epochs: int = option(120, "epochs (paper: 120 with --repeat 2; report: 240 with --repeat 1)", minimum=1)
+    repeat: int = option(2, "passes over the shards' training examples per epoch", minimum=1)
+    epoch_size: int = option(0, "training examples per pass (0 = what the shards hold)", minimum=0)
+    global_batch: int = option(
+        64, "examples per optimizer step, all processes together (paper 64, report 8)", minimum=1
+    )
+    max_device_batch: int = option(8, "most examples one device holds; the rest is gradient accumulation", minimum=1)
+    segment: float = option(10.0, "training example length in seconds (the input is its valid length)", minimum=0.01)
     loss: str = option("l1", "training and validation loss", choices=["l1", "mse"])
-    lr: float = option(3e-4, "Adam learning rate (constant)")
+    lr: float = option(3e-4, "Adam learning rate (constant)", minimum=1e-12, maximum=1)
     seed: int = option(42, "seed of the model's initialisation, the data order and the augmentation")
-    valid_every: int = option(1, "validate every N epochs (and after the last one)")
+    valid_every: int = option(1, "validate every N epochs (and after the last one)", minimum=1)
     valid_segment: float = option(
-        0.0, "validate in chunks of this many seconds (0 = each song in one pass, the paper's protocol)"
+        0.0, "validate in chunks of this many seconds (0 = each song in one pass, the paper's protocol)", minimum=0
     )
     mixed_precision: str = option(
         "auto",
@@ -75,22 +77,31 @@ class TrainConfig:
         "fp16 needs a GPU",
         choices=["auto", "no", "bf16", "fp16"],
     )
-    workers: int = option(2, "data loader worker processes per device")
-    checkpoint_every: int = option(0, "also checkpoint every N optimizer steps (0 = at epoch ends only)")
+    workers: int = option(2, "data loader worker processes per device", minimum=0)
+    checkpoint_every: int = option(0, "also checkpoint every N optimizer steps (0 = at epoch ends only)", minimum=0)
     checkpoint_minutes: float = option(
-        0.0, "checkpoint at an epoch's end only when this many minutes passed since the last one (0 = every epoch)"
+        30.0,
+        "checkpoint at an epoch's end once this many minutes passed since the last checkpoint (0 = every epoch; "
+        "a GPU node's epochs take seconds, a checkpoint of channels 64 ~3 GB); the last epoch always checkpoints",
+        minimum=0,
     )
-    keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep (at least 1)")
+    keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep (at least 1)", minimum=1)
     activation_checkpointing: bool = option(False, "recompute encoder/decoder activations in backward (less memory)")
     compile: bool = option(False, "torch.compile the model (GPU; slow first steps)")
-    max_nonfinite: int = option(20, "stop after this many consecutive steps with non-finite gradients (each skipped)")
-    timeout: float = option(600.0, "seconds a process waits for the others before the whole job fails")
+    max_nonfinite: int = option(
+        20, "stop after this many consecutive steps with non-finite gradients (each skipped)", minimum=1
+    )
+    timeout: float = option(600.0, "seconds a process waits for the others before the whole job fails", minimum=1)
     log_audio: bool = option(True, "log audio and a spectrogram of one validation song to TensorBoard")
-    log_every: int = option(10, "write training scalars every N steps (the device is read then, not every step)")
+    log_every: int = option(
+        10, "write training scalars every N steps (the device is read then, not every step)", minimum=1
+    )
     ema: list[float] = option(
         [],
         "decays of exponential moving averages of the weights (e.g. 0.999 0.9999), each validated next to "
         "the raw weights; best.th takes the best of them (default: none, as in the paper)",
+        minimum=1e-9,
+        maximum=0.999999999,
     )
 
 
@@ -358,7 +369,7 @@ def validate(run: Run, log_audio: bool = False) -> float:
         split = cfg.valid_segment > 0
         estimates = apply_model(model, mix, shifts=0, split=split, segment=cfg.valid_segment or 1.0, overlap=0.25)
         total += torch.stack([criterion(estimates, sources).double(), torch.ones((), device=total.device)])
-        if run.writer is not None and index == 0 and log_audio:
+        if run.writer is not None and index == 0 and log_audio and bool(torch.isfinite(estimates).all()):
             log_separation(run.writer, song, estimates, run.progress.step)
     total = accelerator.reduce(total, reduction="sum")
     model.train()

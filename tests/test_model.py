@@ -117,3 +117,18 @@ def test_blstm_runs_in_fp32_under_bf16_autocast():
         out = model(torch.randn(1, 2, model.valid_length(4096)))
     assert seen == [(torch.float32, torch.float32)]
     assert out.dtype == torch.bfloat16  # the rest of the network does run in bf16
+
+
+def test_model_files_with_nan_weights_or_wrong_contents_are_refused(tmp_path):
+    model = Demucs(channels=4, depth=2, lstm_layers=1)
+    with torch.no_grad():
+        model.decoder[0][0].weight[0, 0, 0] = float("nan")
+    save_model(model, tmp_path / "nan.th")
+    with pytest.raises(UserError, match="non-finite"):
+        load_model(tmp_path / "nan.th")
+    package = torch.load(tmp_path / "nan.th", weights_only=True)
+    package["kwargs"]["channels"] = 8  # a right header, contents of another model
+    package["state"] = Demucs(channels=4, depth=2, lstm_layers=1).state_dict()
+    torch.save(package, tmp_path / "wrong.th")
+    with pytest.raises(UserError, match="damaged demucs_dist model file"):
+        load_model(tmp_path / "wrong.th")

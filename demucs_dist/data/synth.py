@@ -55,10 +55,10 @@ class SynthConfig:
     """Synthetic MUSDB18-format dataset"""
 
     out: str = option("", "output folder (the MUSDB root to create)")
-    train: int = option(8, "training songs (written to train/)")
-    valid: int = option(2, "validation songs (written to train/ and listed in validation_tracks.txt)")
-    test: int = option(2, "test songs (written to test/)")
-    seconds: float = option(30.0, "length of every song in seconds")
+    train: int = option(8, "training songs (written to train/)", minimum=0)
+    valid: int = option(2, "validation songs (written to train/ and listed in validation_tracks.txt)", minimum=0)
+    test: int = option(2, "test songs (written to test/)", minimum=0)
+    seconds: float = option(30.0, "length of every song in seconds", minimum=0.1)
     format: str = option("wav", "wav: the MUSDB18-HQ wav layout; stems: .stem.mp4 files (AAC)", choices=FORMATS)
     seed: int = option(0, "random seed; the same seed writes the same bytes")
 
