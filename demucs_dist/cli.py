@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "shard": ("demucs_dist.data.shard", "cut MUSDB18 songs into z-scored webdataset shards"),
     "train": ("demucs_dist.train", "train Demucs on shards (run it under `accelerate launch`)"),
     "evaluate": ("demucs_dist.evaluate", "score a model on MUSDB18 test songs with museval"),
+    "score": ("demucs_dist.score", "score existing estimates (any system's) against MUSDB18 references"),
     "separate": ("demucs_dist.separate", "separate your own songs into stems"),
     "info": ("demucs_dist.info", "print a model file's configuration and parameter count"),
 }
