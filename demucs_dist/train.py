@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -127,6 +128,7 @@ class Run:
     writer: Any  # TensorBoard SummaryWriter on rank 0, None elsewhere
     lock: RunLock | None
     faults: Faults | None
+    layout: list[int]  # [world size, device batch, accumulation, workers]: what orders an epoch's data
     ema: EMA | None  # weight averages (--ema), the same on every rank
     consecutive_nonfinite: int = 0
     bad_shards: int = 0  # unreadable shards this rank skipped (--on-bad-shard skip)
@@ -164,16 +166,19 @@ def train_one_epoch(run: Run) -> float:
     """One epoch of optimizer steps (continuing mid-epoch after a resume); returns the mean
     training loss over its steps with finite gradients, all ranks together."""
     progress, accelerator = run.progress, run.accelerator
-    done_steps = progress.examples // run.cfg.global_batch  # steps of this epoch already trained (resume)
+    skip_steps, train_steps = resume_plan(run)
+    progress.layout = run.layout
     batches = epoch_batches(run)
-    meter = StepMeter(run, initial=done_steps)
+    meter = StepMeter(run, initial=skip_steps, total=skip_steps + train_steps)
     loss_sum = torch.zeros((), device=accelerator.device)
     finite_steps = 0
     try:  # close the progress bar before an error is printed, so the error is a line of its own
         for index, micro_batches in enumerate(steps_of(batches, run.accumulation)):
-            if index < done_steps:  # resuming mid-epoch: the loader replays the epoch's order
+            if index < skip_steps:  # resuming mid-epoch: the loader replays the epoch's order
                 meter.restart_clock()
                 continue
+            if index == skip_steps + train_steps:
+                break
             meter.data_ready()
             loss, grad_norm, finite = train_step(run, micro_batches)
             progress.step += 1
@@ -184,7 +189,7 @@ def train_one_epoch(run: Run) -> float:
             meter.step_done(loss, grad_norm)
             check_nonfinite_streak(run, finite)
             if run.cfg.checkpoint_every and progress.step % run.cfg.checkpoint_every == 0:
-                if index + 1 < run.steps_per_epoch:  # the epoch's end saves anyway
+                if index + 1 < skip_steps + train_steps:  # the epoch's end saves anyway
                     meter.flush()  # the scalars up to the checkpoint survive a crash after it
                     run.checkpoints.save(accelerator, progress, run.bare_model, run.ema)
             if run.faults:
@@ -194,6 +199,28 @@ def train_one_epoch(run: Run) -> float:
         meter.close()
     run.bad_shards += batches.bad_shards
     return accelerator.reduce(loss_sum, reduction="mean").item() / max(1, finite_steps)
+
+
+def resume_plan(run: Run) -> tuple[int, int]:
+    """(steps to replay without training, steps to train) of the current epoch.
+
+    A mid-epoch checkpoint records the examples trained so far in the epoch and the layout that
+    drew them (world size, device batch, accumulation, loader workers). Under the same layout the
+    loader replays the epoch's order and training continues at the next step: exact. Under
+    another one (a requeued job on another node count, another --global-batch) that order is not
+    the same, so the rest of the epoch's examples are drawn anew, never twice in count.
+    """
+    done, cfg = run.progress.examples, run.cfg
+    if done == 0 or run.progress.layout == run.layout:
+        return done // cfg.global_batch, run.steps_per_epoch - done // cfg.global_batch
+    remaining = max(0, run.steps_per_epoch * cfg.global_batch - done)
+    steps = math.ceil(remaining / cfg.global_batch)
+    run.say(
+        f"note: the checkpoint's epoch was drawn with another layout (world size, device batch, accumulation, "
+        f"workers: {run.progress.layout} now {run.layout}): the rest of epoch {run.progress.epoch + 1}, "
+        f"{remaining} examples, is drawn anew in {steps} steps"
+    )
+    return 0, steps
 
 
 def train_step(run: Run, micro_batches: list) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -270,11 +297,11 @@ class StepMeter:
     waits for the device only once, for its finite check.
     """
 
-    def __init__(self, run: Run, initial: int):
+    def __init__(self, run: Run, initial: int, total: int):
         self.run = run
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor, dict[str, float]]] = []
         self.bar = progress_bar(
-            run.steps_per_epoch,
+            total,
             f"epoch {run.progress.epoch + 1}",
             "steps",
             initial=initial,
@@ -496,6 +523,7 @@ def start_run(model_cfg: ModelConfig, cfg: TrainConfig, augment: AugmentConfig, 
         writer=writer,
         lock=lock,
         faults=faults,
+        layout=[world, device_batch, accumulation, cfg.workers],
         ema=ema,
     )
 

@@ -189,3 +189,21 @@ def test_shards_hold_every_chunk_and_song_once(synth_shards):
         assert len(samples) == record["samples"]
         keys.update(f"{record['name'].split('/')[0]}/{key}" for key in samples)
     assert keys and max(keys.values()) == 1
+
+
+def test_resume_under_another_world_size_or_global_batch_trains_the_rest_once(synth_shards, tmp_path):
+    """A SLURM requeue on another node count, or a relaunch with another --global-batch: the
+    mid-epoch checkpoint (16 of 48 examples) resumes with the remaining 32 examples drawn anew."""
+    result, _ = train(synth_shards, tmp_path / "a", "--checkpoint-every", "2", fault={"DEMUCS_DIST_FAULT_KILL": "1:3"})
+    assert result.returncode != 0 and checkpoints(tmp_path / "a") == ["step-00000002"], output(result)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+
+    one_process, _ = train(synth_shards, tmp_path / "a", processes=1)  # 8 per step: 4 more steps
+    assert one_process.returncode == 0 and "32 examples, is drawn anew in 4 steps" in one_process.stdout, output(
+        one_process
+    )
+    assert adam_steps(tmp_path / "a" / "checkpoints" / f"step-{STEPS:08d}") == {STEPS}
+
+    bigger_batch, _ = train(synth_shards, tmp_path / "b", "--global-batch", "16")  # 16 per step: 2 more steps
+    assert bigger_batch.returncode == 0 and "drawn anew in 2 steps" in bigger_batch.stdout, output(bigger_batch)
+    assert adam_steps(tmp_path / "b" / "checkpoints" / "step-00000004") == {4}
