@@ -595,6 +595,7 @@ class Check:
             f"{self.parameters:,} parameters, {plan.segment:g} s examples, {self.flops_per_example / 1e9:.3g} GFLOP "
             f"per training example; {self.args.steps} steps of {plan.global_batch} examples "
             f"({plan.device_batch} per device), {plan.workers} loader worker(s) per device.",
+            "",
             "examples/s: median over the steps after the first few (train/examples_per_s, all devices); data wait: "
             "mean train/data_wait_fraction; peak memory: the busiest rank "
             + ("(torch.cuda.max_memory_allocated)" if plan.gpu else "(process RSS)")
