@@ -276,6 +276,8 @@ class Check:
         self.plan = make_plan(args, self.env)
         if not self.plan.gpu:
             self.env["NPROC"] = str(self.plan.devices)
+            if not args.cpu:
+                self.refuse_uncounted_gpus()
         self.rows: list[Row] = []
         self.others: list[tuple[str, str, float, str]] = []  # (check, result, seconds, note)
         self.notes: list[str] = []
@@ -565,6 +567,17 @@ class Check:
         (logdir / "best.th").unlink(missing_ok=True)
         if self.model_for_inference() != logdir / "last.th":
             (logdir / "last.th").unlink(missing_ok=True)
+
+    def refuse_uncounted_gpus(self) -> None:
+        """launch/run.sh found no GPU: make sure torch agrees, or the check would test the CPU."""
+        import torch
+
+        if torch.cuda.is_available():
+            raise SystemExit(
+                f"error: torch sees {torch.cuda.device_count()} GPU(s) but launch/run.sh counts none "
+                f"(nvidia-smi -L, CUDA_VISIBLE_DEVICES={self.env.get('CUDA_VISIBLE_DEVICES', 'unset')!r}): "
+                "the launches would run on the CPU; fix the count (docs/gpu.md, item 1) or pass --cpu"
+            )
 
     def model_for_inference(self) -> Path | None:
         for row in self.rows:

@@ -14,13 +14,20 @@
 # CUDA_VISIBLE_DEVICES when it is set. A scheduler that gives a job 2 GPUs of 8 sets it; counting
 # nvidia-smi alone would start 8 processes and NCCL would fail on a "duplicate GPU".
 # CUDA reads CUDA_VISIBLE_DEVICES up to its first invalid entry (an index or UUID this machine does
-# not have, -1, a repeat) and ignores the rest; this counts the same way.
+# not have, -1, a repeat) and ignores the rest; this counts the same way. Without nvidia-smi (a
+# container without the driver's utilities) the driver's device files /dev/nvidiaN are counted.
 count_gpus() {
-  local listing physical entry count=0 seen=","
+  local listing="" physical=0 entry count=0 seen="," device
   local -a entries=()
-  listing=$(nvidia-smi -L 2>/dev/null) || listing=""
-  physical=$(grep -c '^GPU ' <<< "$listing" || true)
-  if [ -z "${CUDA_VISIBLE_DEVICES+set}" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    listing=$(nvidia-smi -L 2>/dev/null) || listing=""
+    physical=$(grep -c '^GPU ' <<< "$listing" || true)
+  else
+    for device in /dev/nvidia[0-9]*; do
+      if [ -e "$device" ]; then physical=$((physical + 1)); fi
+    done
+  fi
+  if [ -z "${CUDA_VISIBLE_DEVICES+set}" ] || [ "$physical" -eq 0 ]; then
     echo "$physical"
     return 0
   fi
@@ -31,7 +38,8 @@ count_gpus() {
       entry=$((10#$entry))
       [ "$entry" -lt "$physical" ] || break
     elif [[ $entry == GPU-* || $entry == MIG-* ]]; then
-      grep -qF "UUID: $entry" <<< "$listing" || break  # CUDA also takes a UUID's unique prefix
+      # CUDA also takes a UUID's unique prefix; without nvidia-smi's listing a UUID cannot be checked
+      [ -z "$listing" ] || grep -qF "UUID: $entry" <<< "$listing" || break
     else
       break
     fi

@@ -8,8 +8,10 @@ launch/train.sh from another folder.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import stat
 import sys
 from pathlib import Path
@@ -99,6 +101,20 @@ def test_count_gpus_is_zero_without_a_working_nvidia_smi(fake_bin):
     for visible in (None, "0,1"):
         result = run(["bash", "-c", f"source {ROOT / 'launch/run.sh'} && count_gpus"], environment(fake_bin, visible))
         assert result.stdout == "0\n", output(result)
+
+
+def test_count_gpus_without_nvidia_smi_counts_the_driver_device_files(tmp_path):
+    """A container without nvidia-smi: PATH holds only what count_gpus needs besides bash builtins."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for tool in ("bash", "grep"):
+        (tools / tool).symlink_to(shutil.which(tool))
+    devices = len(glob.glob("/dev/nvidia[0-9]*"))  # none on a machine without an NVIDIA driver
+    env = {"PATH": str(tools)}
+    for visible, count in [(None, devices), ("", 0), ("0", min(devices, 1)), (UUIDS[0], min(devices, 1))]:
+        result = run(["bash", "-c", f"source {ROOT / 'launch/run.sh'} && count_gpus"],
+                     env if visible is None else {**env, "CUDA_VISIBLE_DEVICES": visible})  # fmt: skip
+        assert result.returncode == 0 and result.stdout == f"{count}\n", (visible, output(result))
 
 
 # ---------------------------------------------------------------------------------------------
