@@ -9,7 +9,9 @@
    worker processes; examples/s over the batches after the first (the first fills the crop pool
    and starts the workers; its time is reported separately), examples per CPU-second of this
    process and its workers (torch at --threads threads here, 1 in workers), bytes per example
-   handed to the device, and the peak memory of a worker. FlipSign, FlipChannels and Remix now
+   handed to the device, and the peak memory of a worker. Each batch is released once counted, as
+   the trainer releases its batches once they are on the device (workers then reuse their
+   shared-memory buffers). FlipSign, FlipChannels and Remix now
    run on the device (`augment_step`, timed here on this CPU for scale, not part of the host cost).
    (Up to commit 6d1d52a the loader also augmented and built float32 mix + sources on the host;
    the "before" numbers in docs/benchmarks.md are this script at that commit.)
@@ -88,6 +90,7 @@ def shard_rate(shards: str, segment: int, batch_size: int, batches: int, workers
         parts = tensors(item)
         assert parts[-1].shape == (batch_size, 4, 2, segment)
         sent += sum(t.numel() * t.element_size() for t in parts)
+        item.release()  # as the trainer does once the step's batches are on the device
         if index == batches - 2:
             cpu_last = cpu()  # before the loader stops its workers
         for child in me.children():

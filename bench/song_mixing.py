@@ -52,9 +52,13 @@ def plan(chunking: str, songs: int, seed: int) -> tuple[Manifest, list]:
     names = [f"Song {i:03d}" for i in range(songs + 14)]
     lengths = {name: int(rng.uniform(150, 300) * SAMPLERATE) for name in names}
     tracks = [types.SimpleNamespace(name=name) for name in names]
+    originals = shard.open_tracks, shard.song_length
     shard.open_tracks = lambda *args, **kwargs: tracks
     shard.song_length = lambda track: lengths[track.name]
-    manifest, tasks, _ = shard.make_plan(shard.ShardConfig(musdb="/none", chunking=chunking, valid_tracks="14"))
+    try:
+        manifest, tasks, _ = shard.make_plan(shard.ShardConfig(musdb="/none", chunking=chunking, valid_tracks="14"))
+    finally:
+        shard.open_tracks, shard.song_length = originals
     tasks = [t for t in tasks if t.name.startswith("train/")]
     records = tuple(ShardRecord(t.name, len(t.items), 0, "", ()) for t in tasks)
     return dataclasses.replace(manifest, train=records), tasks
@@ -83,9 +87,11 @@ def rank_examples(manifest: Manifest, tasks: list, rank: int, ranks: int, worker
     return [example for batch_ in order for example in batch_]
 
 
-def real_examples(songs: int, seconds: float, ranks: int, workers: int, batch: int) -> list[list[tuple[str, str]]]:
-    """Per rank, (song, chunk) of one epoch's examples through the real DataLoader over real shards of
-    `songs` synthetic songs (lean default chunking, 64 MB shards)."""
+def real_examples(songs: int, seconds: float, ranks: int, workers: int, batch: int) -> tuple[list, list]:
+    """(per rank, (song, chunk) of one epoch's examples through the real DataLoader over real shards
+    of `songs` synthetic songs (lean default chunking, 64 MB shards); every example of the set once)."""
+    import json
+
     from demucs_dist.data.manifest import read_manifest
     from demucs_dist.data.synth import synthesize
 
@@ -94,8 +100,14 @@ def real_examples(songs: int, seconds: float, ranks: int, workers: int, batch: i
         shards = str(Path(tmp) / "shards")
         shard.main(["--musdb", str(root), "--is-wav", "--out", shards, "--shard-size", "64", "--workers", "2"])
         manifest = read_manifest(shards)
+        everything = [
+            (json.loads(sample["json"])["song"], f"{record.name}/{sample['__key__']}")
+            for record in manifest.train
+            for sample in loader.read_samples(f"{shards}/{record.name}")
+            for _ in range(manifest.chunking.crops)
+        ]
         batches = manifest.examples_per_epoch() // (batch * ranks)
-        return [
+        per_rank = [
             [
                 (o.song, o.chunk)
                 for b in loader.train_batches(
@@ -115,6 +127,7 @@ def real_examples(songs: int, seconds: float, ranks: int, workers: int, batch: i
             ]  # fmt: skip
             for rank in range(ranks)
         ]
+        return per_rank, everything
 
 
 def measure(examples: list[tuple[str, str]], batch: int, group: int = 4) -> tuple[float, float, float]:
@@ -144,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the song lengths")
     parser.add_argument("--real-songs", type=int, default=0, help="also: this many real synthetic songs (0: skip)")
     parser.add_argument("--real-seconds", type=float, default=40.0, help="length of each real synthetic song")
+    parser.add_argument("--real-ranks", type=int, default=2, help="ranks of the real check")
+    parser.add_argument("--real-workers", type=int, default=2, help="loader workers per rank of the real check")
     args = parser.parse_args(argv)
     rows = []
     for chunking in ("lean", "paper"):
@@ -160,8 +175,17 @@ def main(argv: list[str] | None = None) -> None:
         label = f"stream, {chunking} ({len(tasks)} shards, {chunks} chunks x {crops} crops)"
         rows.append((label, *(float(np.mean(column)) for column in zip(*results))))
     if args.real_songs:
-        per_rank = real_examples(args.real_songs, args.real_seconds, args.ranks, args.workers, args.batch)
-        label = f"real DataLoader over real shards of {args.real_songs} songs of {args.real_seconds:g} s, lean"
+        per_rank, everything = real_examples(
+            args.real_songs, args.real_seconds, args.real_ranks, args.real_workers, args.batch
+        )
+        rng = np.random.default_rng(0)
+        shuffles = [measure([everything[i] for i in rng.permutation(len(everything))], args.batch) for _ in range(50)]
+        label = f"uniform shuffle of the real set's {len(everything)} examples"
+        rows.append((label, *(float(np.mean(column)) for column in zip(*shuffles))))
+        label = (
+            f"real DataLoader over real shards of {args.real_songs} songs of {args.real_seconds:g} s, lean, "
+            f"{args.real_ranks} ranks x {args.real_workers} workers"
+        )
         rows.append((label, *(float(np.mean(column)) for column in zip(*(measure(e, args.batch) for e in per_rank)))))
     print(f"{args.songs} songs of 150-300 s, {args.ranks} ranks x {args.workers} workers, device batch {args.batch}")
     print()

@@ -262,6 +262,8 @@ def step_inputs(run: Run, micro_batches: list[TrainBatch]) -> Iterator[tuple[tor
     mixture is the sum of the augmented sources."""
     device = run.accelerator.device
     sources = torch.cat([batch.sources.to(device, non_blocking=True) for batch in micro_batches])
+    for batch in micro_batches:  # copied by now: the loader workers may refill their buffers
+        batch.release()
     key = (run.cfg.seed, run.progress.epoch, run.accelerator.process_index, run.progress.step)
     sources = augment_step(sources, run.augment, step_generator(*key))
     for part in sources.split(run.device_batch):

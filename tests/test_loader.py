@@ -61,12 +61,33 @@ def test_batches_are_the_stored_crops_they_name_in_the_stored_dtype(synth_shards
         assert batch.sources.shape == (5, 4, 2, SEGMENT) and batch.sources.dtype == torch.float16
         assert 0.1 < batch.sources.float().std() < 10  # z-scored audio, not zeros or raw 16-bit values
         assert len(batch.origins) == 5
-        for example, origin in zip(batch.sources, batch.origins):
-            chunk = chunks[origin.chunk]
-            assert all(0 <= offset < max_shift for offset in origin.offsets)
-            for source, offset in enumerate(origin.offsets):
-                begin = origin.start + offset
-                assert np.array_equal(example[source].numpy(), chunk[source, :, begin : begin + SEGMENT])
+        assert all(0 <= offset < max_shift for origin in batch.origins for offset in origin.offsets)
+        check_examples(batch, chunks)
+
+
+def check_examples(batch, chunks: dict[str, np.ndarray]) -> None:
+    """Every example of `batch` is its origin's crop of the stored chunk, source by source."""
+    for example, origin in zip(batch.sources, batch.origins):
+        for source, offset in enumerate(origin.offsets):
+            begin = origin.start + offset
+            assert np.array_equal(example[source].numpy(), chunks[origin.chunk][source, :, begin : begin + SEGMENT])
+
+
+def test_released_worker_buffers_are_reused_and_batches_stay_right(synth_shards):
+    manifest = read_manifest(synth_shards)
+    chunks = stored_chunks(synth_shards)
+    options = dict(segment=SEGMENT, batch_size=2, batches=16, epoch=0, seed=0, rank=0, world_size=1, workers=2)
+    used = []
+    for batch in train_batches(str(synth_shards), manifest, augment=AugmentConfig(shift=SHIFT), **options):
+        check_examples(batch, chunks)  # read while the buffer is ours
+        used.append((batch.slot, batch.buffer))
+        batch.release()
+        assert batch.sources.numel() == 0  # no reading after the release
+    assert len(used) == 16 and len(set(used)) < 10  # 8 batches per worker from a few buffers
+    kept = list(train_batches(str(synth_shards), manifest, augment=AugmentConfig(shift=SHIFT), **options))
+    assert len({(b.slot, b.buffer) for b in kept}) == 16  # never released: never reused
+    for batch in kept:
+        check_examples(batch, chunks)
 
 
 def test_two_ranks_with_two_workers_read_disjoint_shards_through_the_data_loader(synth_shards):
@@ -95,6 +116,15 @@ def test_slots_cover_every_sample_once_also_with_more_slots_than_shards(synth_sh
             for worker in range(workers):
                 seen += [chunk.chunk for chunk in stream.chunks(worker, _generator(rank, worker), passes=1)]
         assert len(seen) == len(set(seen)) and set(seen) == everything, (world_size, workers)
+
+
+def test_too_few_chunks_per_worker_for_a_remix_group_is_said_once(synth_shards, capsys):
+    manifest = read_manifest(synth_shards)
+    batches_of(synth_shards, manifest, batches=1, world_size=3, workers=2)  # 8 shards of 2 over 6 workers
+    batches_of(synth_shards, manifest, batches=1, world_size=3, workers=2)
+    assert capsys.readouterr().err.count("note: a loader worker holds only 2 chunk(s)") == 1
+    batches_of(synth_shards, manifest, batches=1, world_size=2, workers=2)  # 4 chunks each: enough
+    assert "note:" not in capsys.readouterr().err
 
 
 def test_every_rank_gets_exactly_the_requested_batches_with_worker_processes(synth_shards):

@@ -16,9 +16,12 @@ Training stream, per epoch:
    `remix_group` - 1 examples when it can, and always skips their chunks: no Remix group of
    consecutive examples holds two crops of one chunk (overlapping audio) as long as the pool holds
    at least `remix_group` distinct chunks, and a group repeats a song only when the pool's other
-   songs have just been used. Memory per worker: the pool, pool_chunks x one chunk
-   (4 sources x 2 channels x chunk length x 2 bytes: 15.9 MB for the lean default's 22.5 s
-   float16 chunks, so 254 MB; 7.9 MB and 127 MB with --chunking paper), plus the batches in flight.
+   songs have just been used. A worker can only mix what it reads: with fewer than `remix_group`
+   chunks per worker and epoch (tiny sets, many workers) groups repeat chunks and `train_batches`
+   prints a note (MUSDB18, lean default, 8 ranks x 2 workers: ~107 chunks each).
+   Memory per worker: the pool, pool_chunks x one chunk (4 sources x 2 channels x chunk length x
+   2 bytes: 15.9 MB for the lean default's 22.5 s float16 chunks, so 254 MB; 7.9 MB and 127 MB
+   with --chunking paper), plus the batches in flight.
 4. Batching: a batch is the Shift-ed crops (each source at its own offset) in their stored dtype,
    (batch, sources, channels, samples), with where each came from (`TrainBatch`). No mixture and
    no float32 copy on the host: FlipSign, FlipChannels, Remix, the float32 conversion and the
@@ -35,12 +38,13 @@ worker's traceback in the message, and the user should get one line.
 from __future__ import annotations
 
 import collections
+import functools
 import io
 import itertools
 import json
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -105,9 +109,20 @@ class TrainBatch:
     sources: torch.Tensor
     origins: tuple[Origin, ...]
     slot: int
+    buffer: int | None = None  # the worker's shared-memory buffer holding `sources`, if any
+    _release: Callable[[], None] | None = None  # set by TrainLoader in the training process
 
     def pin_memory(self) -> TrainBatch:  # called by DataLoader(pin_memory=True)
-        return TrainBatch(self.sources.pin_memory(), self.origins, self.slot)
+        return TrainBatch(self.sources.pin_memory(), self.origins, self.slot, self.buffer)
+
+    def release(self) -> None:
+        """Say that `sources` has been copied elsewhere (to the device, or by torch.cat): the worker
+        that made it may refill its shared memory. Reading `sources` afterwards is an error (it is
+        replaced by an empty tensor). Optional: an unreleased buffer is simply not reused."""
+        if self._release is not None:
+            self._release()
+            self._release = None
+            self.sources = self.sources.new_empty(0)
 
 
 @dataclass
@@ -176,13 +191,39 @@ def read_samples(url: str) -> Iterator[dict]:
     yield from wds.tarfile_samples([{"url": url}])
 
 
-def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An empty tensor; in a DataLoader worker, in shared memory from the start, so that handing
-    it to the training process costs no copy (torch would otherwise copy it into shared memory)."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+MAX_HELD_BUFFERS = 8  # shared-memory batch buffers a worker keeps for reuse (in flight or free)
+
+
+class _SharedBuffers:
+    """A DataLoader worker's batch buffers, in shared memory from the start (handing a batch to the
+    training process then copies nothing) and reused once the training process has released one
+    (`TrainBatch.release`): a fresh shared-memory buffer costs the kernel's page allocation and
+    zeroing, which is more than filling it (measured here: 15.5 vs 4.8 ms for 4 examples of 10 s).
+    The worker keeps at most MAX_HELD_BUFFERS; one never released ages out and is not reused."""
+
+    def __init__(self, returns: Any):
+        self.returns = returns  # indices released by the training process (a multiprocessing SimpleQueue)
+        self.held: dict[int, torch.Tensor] = {}
+        self.free: list[int] = []
+        self.made = 0
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+        while self.returns is not None and not self.returns.empty():
+            index = self.returns.get()
+            if index in self.held:
+                self.free.append(index)
+        while self.free:
+            index = self.free.pop()
+            buffer = self.held[index]
+            if buffer.shape == shape and buffer.dtype == dtype:
+                return buffer, index
+            del self.held[index]
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+        index, self.made = self.made, self.made + 1
+        self.held[index] = torch.empty(0, dtype=dtype).set_(storage).view(shape)
+        while len(self.held) > MAX_HELD_BUFFERS:
+            del self.held[min(self.held)]
+        return self.held[index], index
 
 
 @dataclass
@@ -212,6 +253,7 @@ class _TrainStream(torch.utils.data.IterableDataset):
         # Number of each shard's first sample in manifest order: the sample split keeps sample n in slot n % slots.
         firsts = itertools.accumulate([0] + [s.samples for s in manifest.train[:-1]])
         self.first_sample = {s.name: first for s, first in zip(manifest.train, firsts)}
+        self.returns: list | None = None  # per worker: buffer indices released (set by TrainLoader)
 
     def slot(self, worker: int) -> int:
         return self.rank * max(1, self.workers) + worker
@@ -293,19 +335,22 @@ class _TrainStream(torch.utils.data.IterableDataset):
             if chosen.left == 0:
                 pool[index] = enter()
 
-    def batch(self, crops: list[Crop]) -> torch.Tensor:
-        """(batch, sources, channels, segment) in the stored dtype: one copy per example and source."""
+    def batch(self, crops: list[Crop], buffers: _SharedBuffers | None) -> tuple[torch.Tensor, int | None]:
+        """((batch, sources, channels, segment) in the stored dtype, its shared buffer's index):
+        one copy per example and source."""
         first = crops[0].chunk
-        out = _batch_tensor((len(crops), *first.shape[:2], self.segment), first.dtype)
+        shape = (len(crops), *first.shape[:2], self.segment)
+        out, index = buffers.take(shape, first.dtype) if buffers else (torch.empty(shape, dtype=first.dtype), None)
         for item, crop in enumerate(crops):
             for source in range(first.shape[0]):
                 out[item, source].copy_(crop.source(source, self.segment))
-        return out
+        return out, index
 
     def __iter__(self) -> Iterator[TrainBatch | BadShard]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         generator = _generator(self.seed, self.epoch, self.rank, worker)
+        buffers = _SharedBuffers(self.returns[worker] if self.returns else None) if info is not None else None
         batch: list[tuple[Crop, Origin]] = []
         try:
             for example in self.examples(worker, generator):
@@ -315,7 +360,8 @@ class _TrainStream(torch.utils.data.IterableDataset):
                 if len(batch) == self.batch_size:
                     crops, origins = zip(*batch)
                     batch = []
-                    yield TrainBatch(self.batch(list(crops)), tuple(origins), self.slot(worker))
+                    sources, index = self.batch(list(crops), buffers)
+                    yield TrainBatch(sources, tuple(origins), self.slot(worker), index)
         except _ShardReadError as exc:
             while self.bad:
                 yield BadShard(self.bad.pop(0), fatal=False)
@@ -333,6 +379,9 @@ class TrainLoader:
         return self.batches
 
     def __iter__(self) -> Iterator[TrainBatch]:
+        # Released buffers go back to their worker (created before the workers start, which inherit them).
+        returns: list = [torch.multiprocessing.SimpleQueue() for _ in range(self.workers)]
+        self.stream.returns = returns
         # The stream is endless; cutting it here is what gives every rank the same batch count.
         loader = torch.utils.data.DataLoader(
             self.stream,
@@ -355,9 +404,16 @@ class TrainLoader:
                     print(f"warning: {item.message}", file=sys.stderr, flush=True)
                     continue
                 produced += 1
+                if item.buffer is not None:
+                    give_back = functools.partial(returns[item.slot % self.workers].put, item.buffer)
+                    if item.sources.is_pinned():  # copied out of the shared buffer already
+                        give_back()
+                    else:
+                        item._release = give_back
                 yield item
         finally:
             del iterator  # stops the worker processes now rather than at garbage collection
+            self.stream.returns = None
 
 
 def train_batches(
@@ -404,7 +460,28 @@ def train_batches(
         raise UserError(f"on_bad_shard {on_bad_shard!r}: must be 'stop' or 'skip'")
     stream = _TrainStream(shards, manifest, segment, batch_size, epoch, seed, rank, world_size, workers,
                           max_shift, augment.remix_group, pool_chunks, on_bad_shard)  # fmt: skip
+    fewest = chunks_per_worker(manifest, world_size, workers)
+    if fewest < augment.remix_group and rank == 0 and (shards, world_size, workers) not in _WARNED:
+        _WARNED.add((shards, world_size, workers))
+        print(
+            f"note: a loader worker holds only {fewest} chunk(s) (the shards' {sum(s.samples for s in manifest.train)} "
+            f"over {world_size} rank(s) x {max(1, workers)} worker(s)): a Remix group of {augment.remix_group} "
+            "will repeat chunks; use fewer --workers or more, shorter chunks",
+            file=sys.stderr,
+            flush=True,
+        )
     return TrainLoader(stream, batches, workers)
+
+
+_WARNED: set[tuple[str, int, int]] = set()  # the fewest-chunks note is printed once per process and setting
+
+
+def chunks_per_worker(manifest: Manifest, world_size: int, workers: int) -> int:
+    """The fewest stored chunks one worker (slot) reads in an epoch: it draws all its examples from
+    those, so fewer than `remix_group` of them means Remix groups that repeat a chunk."""
+    slots = slot_shards(manifest, epoch=0, seed=0, world_size=world_size, workers=workers)
+    counts = {s.name: s.samples for s in manifest.train}
+    return min(sum(counts[name] for name in names) // stride for names, stride in slots)
 
 
 def valid_songs(shards: str, manifest: Manifest, *, rank: int, world_size: int) -> Iterator[ValidSong]:
