@@ -21,6 +21,7 @@ from demucs_dist import SOURCES
 from demucs_dist.apply import apply_model, normalize
 from demucs_dist.bss import (
     SilentSourceError,
+    _blockwise,
     _correlations,
     bss_eval_v4,
     fft_size,
@@ -109,19 +110,26 @@ def test_fft_size_is_the_smallest_7_smooth_number():
         assert not any(smooth(m) for m in range(n, size)), n
 
 
+def direct_correlations(x: np.ndarray, y: np.ndarray, taps: int) -> np.ndarray:
+    """r[p, q, taps - 1 + d] = sum_n x[p, n + d] y[q, n] for |d| < taps, by numpy."""
+    # np.correlate(a, v, "valid")[k] = sum_n a[n + k] v[n]; a padded by taps - 1 for lags < 0.
+    return np.array([[np.correlate(np.pad(xp, taps - 1), yq, mode="valid") for yq in y] for xp in x])
+
+
 def test_block_correlations_equal_direct_sums():
-    """Lags -taps+1..taps-1 across many blocks and chunks, zero padding at both ends."""
+    """Lags -taps+1..taps-1 across many blocks and chunks, zero padding at both ends: the general
+    overlap-save version and the one-FFT-per-block version with its boundary terms."""
     rng = np.random.default_rng(3)
     taps = 9
     for samples in (3, 40, 700, 40000):
-        x, y = rng.standard_normal((3, samples)), rng.standard_normal((2, samples))
-        got = _correlations(torch.from_numpy(x), [torch.from_numpy(y), torch.from_numpy(x[:1])], taps, 2)
-        ys = np.concatenate([y, x[:1]])
-        for p in range(3):
-            for q in range(3):
-                # np.correlate(a, v, "valid")[k] = sum_n a[n + k] v[n]; pad a by taps - 1 for lags < 0.
-                direct = np.correlate(np.pad(x[p], taps - 1), ys[q], mode="valid")
-                np.testing.assert_allclose(got[p, q].numpy(), direct, atol=1e-9 * samples)
+        x, y = rng.standard_normal((3, samples)), rng.standard_normal((3, samples))
+        expected = direct_correlations(x, np.concatenate([x, y]), taps)
+        got = _correlations(torch.from_numpy(x), [torch.from_numpy(x), torch.from_numpy(y)], taps, 2)
+        np.testing.assert_allclose(got.numpy(), expected, atol=1e-9 * samples)
+        for block in (taps, 40, 1000):  # one block, a few, many; the last one partial or whole
+            size = fft_size(block + taps - 1)
+            got = _blockwise([torch.from_numpy(x), torch.from_numpy(y)], block, size, taps, blocks_per_chunk=3)
+            np.testing.assert_allclose(got.numpy(), expected, atol=1e-9 * samples, err_msg=f"{samples}, {block}")
 
 
 @pytest.fixture(scope="module")
