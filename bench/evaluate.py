@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/evaluate.py                  # channels=64 model, ~5 minutes on 2 cores
     .venv/bin/python bench/evaluate.py --channels 16 --seconds 10 --e2e-seconds 10
+    .venv/bin/python bench/evaluate.py --scorers                # evaluate with --scorer torch vs museval
 
 Prints a markdown report: seconds per minute of audio for shift-trick inference (the model of
 `--channels`, chunked as `evaluate` runs it) and for museval (one process, one BLAS thread, as a
@@ -9,6 +10,13 @@ pool worker runs it; at two song lengths, since museval has a fixed cost per son
 memory of museval, and the wall time of `demucs-dist evaluate` on synthetic songs with 1 process
 and 1 or 2 museval workers and with 2 processes. Then it projects MUSDB18's 50 test songs on an
 8-GPU node from those numbers.
+
+`--scorers` instead times whole `evaluate` runs on the demo's test songs (3 synthetic songs of
+20 s, the demo's model architecture, 2 shifts; untrained weights: the same work as the trained
+model) with `--scorer torch` and `--scorer museval`, in 1 process and in 2 as `make demo` runs
+it, then projects MUSDB18's 50 test songs on one 8-GPU node with the torch scorer: MUSDB18 decoding
+(measured on the clip that ships with stempeg), inference (FLOPs), scoring (bench/score.py's
+operation counts) and the start-up measured here.
 """
 
 from __future__ import annotations
@@ -68,17 +76,98 @@ def time_museval(root: Path, song: str) -> tuple[float, float]:
     return float(seconds), float(megabytes)
 
 
-def time_evaluate(model: Path, root: Path, out: Path, processes: int, workers: int) -> float:
+def time_evaluate(
+    model: Path,
+    root: Path,
+    out: Path,
+    processes: int,
+    workers: int,
+    scorer: str = "museval",
+    shifts: int = 1,
+    expect_scored: bool = True,
+) -> float:
     """Wall seconds of a whole `demucs-dist evaluate` run (process start to results.json)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "NPROC": str(processes)}
     command = [sys.executable, "-m", "demucs_dist.evaluate"] if processes == 1 else ["bash", "launch/evaluate.sh"]
-    command += ["--model", str(model), "--musdb", str(root), "--is-wav", "--out", str(out)]
-    command += ["--shifts", "1", "--workers", str(workers), "--no-progress"]
+    command += ["--model", str(model), "--musdb", str(root), "--is-wav", "--out", str(out), "--scorer", scorer]
+    command += ["--shifts", str(shifts), "--workers", str(workers), "--no-progress"]
     start = time.perf_counter()
     subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True)
     wall = time.perf_counter() - start
-    assert json.loads((out / "results.json").read_text())["this_run"]["scored"] > 0
+    assert (json.loads((out / "results.json").read_text())["this_run"]["scored"] > 0) == expect_scored
     return wall
+
+
+def decode_seconds_per_audio_second() -> float:
+    """Seconds to decode one second of a MUSDB18 .stem.mp4 (mixture + 4 stems) here, on the clip
+    that ships with stempeg, the way `evaluate` reads songs (musdb, one ffmpeg process)."""
+    import stempeg
+
+    from demucs_dist.data.songs import open_tracks, read_song
+
+    with tempfile.TemporaryDirectory() as root:
+        clip = Path(stempeg.example_stem_path())
+        (Path(root) / "test").mkdir()
+        (Path(root) / "test" / clip.name).symlink_to(clip)
+        track = open_tracks(root, is_wav=False, subset="test")[0]
+        start = time.perf_counter()
+        song = read_song(track)
+        return (time.perf_counter() - start) / song.seconds
+
+
+def compare_scorers(lines: list) -> None:
+    """Whole `evaluate` runs on the demo's test songs with both scorers, and the 50-song projection."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from score import gpu_projection  # bench/score.py
+
+    songs, seconds, shifts = 3, 20.0, 2
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        root = synthesize(tmp / "demo", train=0, valid=0, test=songs, seconds=seconds, seed=0)
+        torch.manual_seed(0)
+        model = tmp / "demo-architecture.th"
+        save_model(Demucs(channels=16, depth=5, lstm_layers=1), model)
+        lines.append(
+            f"- `evaluate` on the demo's test songs ({songs} x {seconds:.0f} s, channels 16 / depth 5 / 1 BLSTM "
+            f"layer, {shifts} shifts), wall time from launch to results.json:"
+        )
+        walls = {}
+        for scorer, processes, workers in [("torch", 1, 0), ("museval", 1, 0), ("torch", 2, 0), ("museval", 2, 0)]:
+            out = tmp / f"{scorer}{processes}"
+            walls[scorer, processes] = time_evaluate(model, root, out, processes, workers, scorer, shifts)
+            document = json.loads(next((out / "test").glob("*.json")).read_text())["demucs_dist"]
+            scoring = document.get("scoring_seconds", document.get("museval_seconds"))
+            lines.append(
+                f"  - `--scorer {scorer}`, {processes} process(es) (default workers): "
+                f"**{walls[scorer, processes]:.1f} s** (one song's scoring: {scoring:.2f} s)"
+            )
+            if scorer == "torch" and processes == 1:
+                startup = time_evaluate(model, root, out, processes, workers, scorer, shifts, expect_scored=False)
+                lines.append(
+                    f"  - the same command again, every song scored already (start-up and gather): {startup:.1f} s"
+                )
+        lines.append(
+            f"  - torch vs museval: {walls['museval', 1] / walls['torch', 1]:.1f}x (1 process), "
+            f"{walls['museval', 2] / walls['torch', 2]:.1f}x (2 processes)"
+        )
+    decode = decode_seconds_per_audio_second()
+    song_seconds = MUSDB_TEST_SECONDS / 50
+    per_gpu_songs = 50 / 8
+    inference = FORWARD_GFLOP_PER_10S * 6 * 10 * 4 / 3 * MUSDB_TEST_SECONDS / 60 / 8 / 20000
+    scoring = per_gpu_songs * gpu_projection(song_seconds)["total"]
+    decoding = per_gpu_songs * song_seconds * decode
+    lines += [
+        "",
+        f"Projection, MUSDB18 test set (50 songs, ~{MUSDB_TEST_SECONDS / 3600:.1f} h), one 8-GPU node, "
+        "`--scorer torch`, 10 shifts (not measured: no GPU here):",
+        f"- decoding the .stem.mp4 files: {decode:.3f} s per second of audio here (the stempeg clip), "
+        f"{per_gpu_songs:.2f} songs of {song_seconds:.0f} s per rank: ~{decoding:.0f} s per rank",
+        f"- inference: {inference:.0f} s per GPU (by FLOPs, as above: 20 TFLOP/s effective)",
+        f"- scoring on the GPU: ~{scoring:.1f} s per GPU (bench/score.py's operation counts)",
+        f"- start-up (accelerate launch, model load, ffprobe of the songs): ~{startup:.0f} s here",
+        f"- in all: **~{decoding + inference + scoring + startup:.0f} s** (target: under 2 minutes); the songs "
+        "are read and inferred one after another on each rank, so these add up.",
+    ]
 
 
 class Report(list):
@@ -102,12 +191,16 @@ def main() -> None:
     parser.add_argument("--e2e-songs", type=int, default=4, help="synthetic songs for the whole-run timings")
     parser.add_argument("--e2e-seconds", type=float, default=20.0, help="their length")
     parser.add_argument("--e2e-channels", type=int, default=16, help="model width for the whole-run timings")
+    parser.add_argument("--scorers", action="store_true", help="only: evaluate with --scorer torch vs museval")
     args = parser.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     lines = Report()
     lines.append(
         f"Machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, fp32."
     )
+    if args.scorers:
+        compare_scorers(lines)
+        return
 
     per_minute = {}
     for shifts in (1, 10):
