@@ -63,10 +63,11 @@ def augment_rate(shards: str, segment: int, batch_size: int, steps: int = 5) -> 
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def shard_rate(shards: str, segment: int, batch_size: int, batches: int, workers: int) -> dict:
+def shard_rate(shards: str, segment: int, batch_size: int, batches: int, workers: int, memory: bool) -> dict:
     """One epoch of `batches` batches: seconds to the first batch; after it, examples/s, CPU seconds
-    (this process and its loader workers) per example, bytes per example handed to the device, and
-    the peak unique memory (USS) and resident memory (RSS) of a worker process."""
+    (this process and its loader workers) per example and bytes per example handed to the device;
+    with `memory`, instead the peak unique (USS) and resident (RSS) memory of a worker process (its
+    readings of /proc/PID/smaps take milliseconds each, so they get a run of their own)."""
     loader, tensors = open_loader(shards, segment, batch_size, batches, workers)
     me = psutil.Process()
 
@@ -93,7 +94,7 @@ def shard_rate(shards: str, segment: int, batch_size: int, batches: int, workers
         item.release()  # as the trainer does once the step's batches are on the device
         if index == batches - 2:
             cpu_last = cpu()  # before the loader stops its workers
-        for child in me.children():
+        for child in me.children() if memory else []:
             try:
                 info = child.memory_full_info()
                 uss, rss = max(uss, info.uss), max(rss, info.rss)
@@ -160,7 +161,10 @@ def main(argv: list[str] | None = None) -> None:
         segment = Demucs.valid_length(ModelConfig(), 10 * SAMPLERATE)
         rows, details = [], []
         for workers in (0, 1, 2):
-            got = shard_rate(str(shards), segment, args.batch_size, args.batches, workers)
+            got = shard_rate(str(shards), segment, args.batch_size, args.batches, workers, memory=False)
+            if workers:
+                memory = shard_rate(str(shards), segment, args.batch_size, args.batches, workers, memory=True)
+                got["uss"], got["rss"] = memory["uss"], memory["rss"]
             rows.append((f"shards, workers={workers}", got["rate"], f"first batch after {got['first']:.2f} s"))
             worker_memory = f"{got['uss'] / 1e6:.0f} MB / {got['rss'] / 1e6:.0f} MB" if workers else "-"
             rate, per_core, megabytes = got["rate"], got["per_core"], got["bytes"] / 1e6
