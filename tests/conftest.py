@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SHARD_ARGS
 
 from demucs_dist.data.synth import synthesize
 
@@ -17,11 +18,6 @@ SYNTH_SONGS = dict(train=4, valid=2, test=1, seconds=5.0)
 def synth_root(tmp_path_factory) -> Path:
     """A MUSDB18-HQ (wav) layout: 4 train + 2 valid songs in train/, 1 song in test/, 5 s each."""
     return synthesize(tmp_path_factory.mktemp("synth") / "musdb", fmt="wav", seed=0, **SYNTH_SONGS)
-
-
-# Shard options for tests: 0.5 s segments (+0.25 s shift) and ~2 chunks per shard, so the
-# 4 training songs give 8 shards: enough for 2 ranks x 2 workers.
-SHARD_ARGS = ["--segment", "0.5", "--shift", "0.25", "--shard-size", "3", "--workers", "1"]
 
 
 @pytest.fixture(scope="session")

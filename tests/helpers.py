@@ -15,6 +15,9 @@ BIN = Path(sys.executable).parent
 # A Demucs small enough for a CPU test (a few thousand parameters) with 0.5 s examples.
 TINY_MODEL = ["--channels", "4", "--depth", "3", "--lstm-layers", "1"]
 TINY = [*TINY_MODEL, "--segment", "0.5", "--shift", "0.25"]
+# Shard options for tests: 0.5 s segments (+0.25 s shift) and ~2 chunks per shard, so the
+# 4 training songs give 8 shards: enough for 2 ranks x 2 workers.
+SHARD_ARGS = ["--segment", "0.5", "--shift", "0.25", "--shard-size", "3", "--workers", "1"]
 
 
 def free_port() -> str:

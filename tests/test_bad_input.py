@@ -15,18 +15,17 @@ import subprocess
 import sys
 import tarfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
 import torch
-from conftest import SHARD_ARGS
+from helpers import SHARD_ARGS, TINY, cpu_env, launch_command, run
 
 from demucs_dist.modelfile import FORMAT
 
-TINY = ["--channels", "4", "--depth", "3", "--lstm-layers", "1", "--segment", "0.5", "--shift", "0.25"]
 TRAIN = [*TINY, "--global-batch", "8", "--max-device-batch", "2", "--workers", "0", "--timeout", "20"]
 SONGS = ["Synth Train 000", "Synth Train 001", "Synth Train 002", "Synth Valid 000"]
 VALID = ["--valid-tracks", "Synth Valid 000"]
@@ -81,15 +80,11 @@ class Case:
     make: Callable[[Path, Path, Path], tuple[list, dict]]
     message: str
     launched: bool = False  # under accelerate launch: each of the 2 ranks prints the line
-    env: dict = field(default_factory=dict)
 
 
 def accelerate_train(args: list) -> list:
     """argv for `accelerate launch` with 2 CPU processes running the trainer (not through cli)."""
-    accelerate = Path(sys.executable).with_name("accelerate")
-    port = str(29500 + (os.getpid() + 13) % 1000)
-    return [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-            "no", "--dynamo_backend", "no", "--main_process_port", port, "-m", "demucs_dist.train", *args]  # fmt: skip
+    return launch_command(["-m", "demucs_dist.train", *args], 2)
 
 
 def empty_root(tmp: Path) -> Path:
@@ -229,8 +224,7 @@ def test_bad_input_is_one_clear_line(name, small_root, synth_shards, tmp_path):
     case = CASES[name]
     argv, env = case.make(tmp_path, small_root, synth_shards)
     if case.launched:
-        environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **env}
-        result = subprocess.run(list(map(str, argv)), env=environment, capture_output=True, text=True, timeout=120)
+        result = run(argv, cpu_env(**env), timeout=120)
     else:
         result = cli(*argv, env=env)
     errors = error_lines(result.stderr)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARD_ARGS
+from helpers import SHARD_ARGS
 
 from demucs_dist import SAMPLERATE
 from demucs_dist.data.augment import AugmentConfig, shift_crop

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARD_ARGS
+from helpers import SHARD_ARGS
 
 from demucs_dist import SAMPLERATE, SOURCES
 from demucs_dist.data.shard import ShardConfig, main, make_plan
