@@ -25,7 +25,9 @@ Training stream, per epoch:
 4. Batching: a batch is the Shift-ed crops (each source at its own offset) in their stored dtype,
    (batch, sources, channels, samples), with where each came from (`TrainBatch`). No mixture and
    no float32 copy on the host: FlipSign, FlipChannels, Remix, the float32 conversion and the
-   mixture happen on the device over a whole optimizer step (`augment.augment_step`).
+   mixture happen on the device over a whole optimizer step (`augment.augment_step`). A worker
+   builds each batch in shared memory and reuses that buffer once the training process calls
+   `TrainBatch.release()` (the trainer does, after the step's copy to the device).
 5. Every rank stops after exactly `batches` batches (uneven ranks would hang DDP).
 
 A shard that cannot be read (truncated, corrupt tar, undecodable array) stops training with a
