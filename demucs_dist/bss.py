@@ -184,7 +184,11 @@ def _blockwise(
     correlation = torch.fft.irfft(products.permute(2, 1, 0), n=size)[..., lags % size]  # (P, rows, lags)
     if blocks > 1:  # the products across each boundary: block k's last and block k + 1's first samples
         small = fft_size(2 * margin)
-        straddles = _padded(signals, block - margin, (blocks - 1) * block + margin).unfold(-1, 2 * margin, block)
+        # The 2 * margin samples around each boundary, gathered (not a float64 copy of the song).
+        around = torch.arange(-margin, margin, device=device) + block * torch.arange(1, blocks, device=device)[:, None]
+        inside = around < samples
+        straddles = torch.cat([signal[:, around.clamp(max=samples - 1)] for signal in signals]).double()
+        straddles *= inside  # zero past the end of the song
         tails = torch.fft.rfft(straddles[..., :margin], n=small).permute(2, 1, 0).contiguous()  # (F', k, rows)
         heads = torch.fft.rfft(straddles[..., margin:], n=small).permute(2, 1, 0).contiguous()
         ahead = torch.fft.irfft(torch.matmul(tails.mH, heads[..., :flat]).permute(2, 1, 0), n=small)
@@ -196,19 +200,22 @@ def _blockwise(
     return correlation
 
 
-def _solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+def _solve(holder: list[torch.Tensor], rhs: torch.Tensor) -> torch.Tensor:
     """Solve (matrix + eps I) X = rhs, batched, as museval does (eps absolute: float64's epsilon).
 
     Cholesky where the matrix is numerically positive definite; otherwise LU (museval's
     np.linalg.solve); museval's least squares on the matrix itself where even LU finds it
-    singular. `matrix` is regularised in place (a 4096 x 4096 copy is 134 MB): callers hand over
-    a matrix they no longer need.
+    singular. The matrix (4096 x 4096: 134 MB) is taken out of `holder` and regularised in place,
+    so that it is freed as soon as it is factored; the triangular solves use the factor as it is.
     """
+    matrix = holder.pop()
     eps = torch.finfo(torch.float64).eps
     matrix.diagonal(dim1=-2, dim2=-1).add_(eps)
     factor, info = torch.linalg.cholesky_ex(matrix)
     if not bool((info != 0).any()):
-        return torch.cholesky_solve(rhs, factor)
+        del matrix
+        half = torch.linalg.solve_triangular(factor, rhs, upper=False)
+        return torch.linalg.solve_triangular(factor.mH, half, upper=True)
     del factor
     solution, info = torch.linalg.solve_ex(matrix, rhs)
     if not bool((info != 0).any()):
@@ -241,21 +248,22 @@ def _filters(correlation: torch.Tensor, sources: int, channels: int) -> tuple[to
     device = correlation.device
     lag = torch.arange(filter_taps, device=device)
     margin = filter_taps - 1
-    # gram[(p, a), (q, b)] = <x_p delayed by a, x_q delayed by b> = r_pq(b - a), gathered directly
-    # in its final layout (one 134 MB matrix for 4 stereo sources, no permuted copy).
-    channel = torch.arange(flat, device=device)
-    gram = correlation[
-        channel[:, None, None, None], channel[None, None, :, None], margin + lag - lag[:, None, None]
-    ].reshape(flat * filter_taps, flat * filter_taps)
+    # gram[(p, a), (q, b)] = <x_p delayed by a, x_q delayed by b> = r_pq(b - a): for each delay a,
+    # one slice of the correlations, written in place (no index tensors or copies of 134 MB).
+    gram = torch.empty(flat, filter_taps, flat, filter_taps, dtype=torch.float64, device=device)
+    for a in range(filter_taps):
+        gram[:, a] = correlation[:, :flat, margin - a : margin - a + filter_taps]
+    gram = gram.view(flat * filter_taps, flat * filter_taps)
     # rhs[(p, a), e] = <x_p delayed by a, estimate e> = r_pe(-a)
     rhs = correlation[:, flat:][:, :, margin - lag].permute(0, 2, 1).reshape(flat * filter_taps, flat)
     # Own source j: the diagonal block of gram and the rows/columns of source j.
     size = channels * filter_taps
     own_gram = torch.stack([gram[j * size : (j + 1) * size, j * size : (j + 1) * size] for j in range(sources)])
     own_rhs = torch.stack([rhs[j * size : (j + 1) * size, j * channels : (j + 1) * channels] for j in range(sources)])
-    all_sources = _solve(gram, rhs).reshape(flat, filter_taps, flat)
-    del gram
-    own_source = _solve(own_gram, own_rhs).reshape(sources, channels, filter_taps, channels)
+    holder = [gram]
+    del gram  # _solve frees it once factored
+    all_sources = _solve(holder, rhs).reshape(flat, filter_taps, flat)
+    own_source = _solve([own_gram], own_rhs).reshape(sources, channels, filter_taps, channels)
     return all_sources, own_source
 
 
