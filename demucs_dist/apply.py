@@ -28,6 +28,11 @@ def normalize(mix: torch.Tensor) -> tuple[torch.Tensor, float, float]:
     return (mix - mean) / std, mean, std
 
 
+def loss_function(name: str):
+    """The training, validation and test loss by name: "l1" (the paper's) or "mse"."""
+    return {"l1": F.l1_loss, "mse": F.mse_loss}[name]
+
+
 def song_seed(seed: int, name: str) -> int:
     """The shift-trick seed of one song: the same on any rank and in any run (crc32, not hash())."""
     return seed + zlib.crc32(name.encode("utf-8"))

@@ -3,7 +3,7 @@ command-line options (`add_options`) and back (`from_options`).
 
 A field's help text and choices live in its metadata, so an option is spelled exactly once::
 
-    segment: float = option(10.0, "training segment in seconds", minimum=0.01)
+    segment: float = option(10.0, "training segment in seconds")
 
 The option name is the field name with dashes (`--max-device-batch`). Booleans get `--x/--no-x`.
 """
@@ -148,7 +148,11 @@ class ApplyConfig:
     shifts: int = option(
         10, "random shifts in [0, 0.5 s) averaged per song (the shift trick; 0 = off)", minimum=0, maximum=1000
     )
-    split: bool = option(True, "run long songs in segments so memory stays bounded")
-    segment: float = option(10.0, "segment length in seconds when splitting")
+    split: bool = option(
+        False,
+        "run each shifted song in overlapping segments (overlap-add) to bound memory on long songs; "
+        "off = the paper's protocol, each shifted song whole in one pass",
+    )
+    segment: float = option(10.0, "segment length in seconds with --split", minimum=0.01)
     overlap: float = option(0.25, "overlap between segments, as a fraction (0 = plain chunks)", minimum=0, maximum=0.9)
     batch_size: int = option(4, "segments/shifts run through the model at once", minimum=1)

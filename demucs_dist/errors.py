@@ -25,6 +25,13 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
         sys.stderr.write(f"error: {exc}\n")
         sys.stderr.flush()
         return 2
+    except OSError as exc:  # a path that is missing, not a folder, read-only, on a full disk...
+        if debug:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        sys.stderr.write(f"error: {exc.strerror or exc}{where}\n")
+        sys.stderr.flush()
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

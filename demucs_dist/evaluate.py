@@ -41,11 +41,12 @@ import torch
 from tqdm import tqdm
 
 from . import SOURCES
-from .apply import apply_model, normalize, song_seed
+from .apply import apply_model, loss_function, normalize, song_seed
 from .audio import write_wav
 from .config import ApplyConfig, option, parse
 from .errors import UserError, run_main
 from .files import atomic_path, sha256_of
+from .modelfile import read_model_file
 from .scoring import (
     SCORERS,
     DeviceScorer,
@@ -76,7 +77,11 @@ class EvaluateConfig:
     songs: list[str] = option([], "only these songs (folder names; or one file listing a name per line)")
     out: str = option("", "output folder: per-song museval json, results.json, results.md")
     label: str = option("", "name of this run in tables (default: the model file's name or the baseline)")
-    loss: str = option("l1", "test loss against the normalised sources", choices=("l1", "mse"))
+    loss: str = option(
+        "",
+        "test loss against the normalised sources (default: the model file's training loss; l1 for a baseline)",
+        choices=("", "l1", "mse"),
+    )
     seed: int = option(0, "seed of the shift offsets; each song adds a hash of its name, whatever its rank")
     scorer: str = option(
         "torch",
@@ -129,6 +134,12 @@ def check_config(config: EvaluateConfig) -> None:
     for path in config.compare:
         if not os.path.isfile(path):
             raise UserError(f"--compare: no results file {path}")
+        try:
+            load_results(path)["scores"]["All"]["SDR"]
+        except (OSError, ValueError, KeyError, TypeError):  # checked now, not after the whole evaluation
+            raise UserError(f"--compare: {path} is not a results.json written by demucs-dist evaluate") from None
+    if not config.loss:  # the loss the model was trained (and validated) with
+        config.loss = read_model_file(config.model)["info"].get("loss", "l1") if config.model else "l1"
 
 
 def run_identity(config: EvaluateConfig, apply_config: ApplyConfig) -> dict:
@@ -184,8 +195,7 @@ def infer_song(
     else:
         estimated = apply_model(model, normalized, seed=seed, **dataclasses.asdict(apply_config))
     targets = (torch.from_numpy(song.sources).to(device) - mean) / std
-    error = estimated - targets
-    loss = error.abs().mean() if loss_kind == "l1" else error.square().mean()
+    loss = loss_function(loss_kind)(estimated, targets)
     return (estimated * std + mean).cpu().numpy(), loss.item()
 
 
@@ -268,7 +278,7 @@ def evaluate(config: EvaluateConfig, apply_config: ApplyConfig) -> dict | None:
     from accelerate.utils import broadcast_object_list, gather_object
 
     from .distributed import balance, make_accelerator, processes_on_this_node
-    from .modelfile import load_model, read_model_file
+    from .modelfile import load_model
 
     started = time.time()
     check_config(config)

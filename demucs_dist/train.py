@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.checkpoint import checkpoint
 
 from . import SOURCES
-from .apply import apply_model
+from .apply import apply_model, loss_function
 from .checkpoint import Checkpoints, Progress, RunLock, weights_are_finite
 from .config import ModelConfig, option, parse
 from .data.augment import AugmentConfig, augment_step, step_generator
@@ -128,7 +127,7 @@ class Run:
     writer: Any  # TensorBoard SummaryWriter on rank 0, None elsewhere
     lock: RunLock | None
     faults: Faults | None
-    layout: list[int]  # [world size, device batch, accumulation, workers]: what orders an epoch's data
+    layout: list[int]  # [world size, device batch, accumulation, workers, pool chunks]: what orders an epoch
     ema: EMA | None  # weight averages (--ema), the same on every rank
     consecutive_nonfinite: int = 0
     bad_shards: int = 0  # unreadable shards this rank skipped (--on-bad-shard skip)
@@ -205,7 +204,7 @@ def resume_plan(run: Run) -> tuple[int, int]:
     """(steps to replay without training, steps to train) of the current epoch.
 
     A mid-epoch checkpoint records the examples trained so far in the epoch and the layout that
-    drew them (world size, device batch, accumulation, loader workers). Under the same layout the
+    drew them (world size, device batch, accumulation, loader workers, crop pool). Under the same layout the
     loader replays the epoch's order and training continues at the next step: exact. Under
     another one (a requeued job on another node count, another --global-batch) that order is not
     the same, so the rest of the epoch's examples are drawn anew, never twice in count.
@@ -217,7 +216,7 @@ def resume_plan(run: Run) -> tuple[int, int]:
     steps = math.ceil(remaining / cfg.global_batch)
     run.say(
         f"note: the checkpoint's epoch was drawn with another layout (world size, device batch, accumulation, "
-        f"workers: {run.progress.layout} now {run.layout}): the rest of epoch {run.progress.epoch + 1}, "
+        f"workers, pool chunks: {run.progress.layout} now {run.layout}): the rest of epoch {run.progress.epoch + 1}, "
         f"{remaining} examples, is drawn anew in {steps} steps"
     )
     return 0, steps
@@ -525,7 +524,7 @@ def start_run(model_cfg: ModelConfig, cfg: TrainConfig, augment: AugmentConfig, 
         writer=writer,
         lock=lock,
         faults=faults,
-        layout=[world, device_batch, accumulation, cfg.workers],
+        layout=[world, device_batch, accumulation, cfg.workers, loader_cfg.pool_chunks],
         ema=ema,
     )
 
@@ -614,10 +613,6 @@ def plan_batches(global_batch: int, world_size: int, max_device_batch: int) -> t
     per_process = global_batch // world_size
     device_batch = max(b for b in range(1, min(max_device_batch, per_process) + 1) if per_process % b == 0)
     return device_batch, per_process // device_batch
-
-
-def loss_function(name: str):
-    return F.l1_loss if name == "l1" else F.mse_loss
 
 
 def enable_activation_checkpointing(model: Demucs) -> None:

@@ -126,3 +126,15 @@ def test_restart_deletes_only_its_own_checkpoints(tmp_path):
 def test_keeping_no_checkpoint_is_refused(tmp_path, keep):
     with pytest.raises(UserError, match="keep at least 1"):
         Checkpoints(tmp_path, keep=keep, minutes=0)
+
+
+def test_logdir_that_is_a_file_is_one_line(synth_shards, tmp_path, capsys):
+    from demucs_dist.errors import run_main
+    from demucs_dist.train import main
+
+    logdir = tmp_path / "notes.txt"
+    logdir.write_text("not a folder")
+    assert run_main(main, ["--shards", str(synth_shards), "--logdir", str(logdir), *TINY, *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(logdir) in err and len(err.splitlines()) == 1, err
+    assert logdir.read_text() == "not a folder"
