@@ -48,8 +48,8 @@ from demucs_dist.model import Demucs
 
 def open_loader(shards: str, segment: int, batch_size: int, batches: int, workers: int):
     """(loader, the tensors of one batch that go to the device)."""
-    options = dict(segment=segment, batch_size=batch_size, batches=batches, epoch=0, seed=0, rank=0, world_size=1,
-                   workers=workers, augment=AugmentConfig())  # fmt: skip
+    options = dict(segment_samples=segment, batch_size=batch_size, batches=batches, epoch=0, seed=0, rank=0,
+                   world_size=1, workers=workers, augment=AugmentConfig())  # fmt: skip
     return train_batches(shards, read_manifest(shards), **options), lambda item: [item.sources]
 
 

@@ -113,7 +113,7 @@ def real_examples(songs: int, seconds: float, ranks: int, workers: int, batch: i
                 for b in loader.train_batches(
                     shards,
                     manifest,
-                    segment=CROP,
+                    segment_samples=CROP,
                     batch_size=batch,
                     batches=batches,
                     epoch=0,

@@ -36,7 +36,7 @@ def bare_loop(model_cfg: ModelConfig, shards: str, batch: int, steps: int, segme
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
     manifest = read_manifest(shards)
     segment = model.valid_length(int(segment_s * model.samplerate))
-    batches = train_batches(shards, manifest, segment=segment, batch_size=batch, batches=steps, epoch=0, seed=0,
+    batches = train_batches(shards, manifest, segment_samples=segment, batch_size=batch, batches=steps, epoch=0, seed=0,
                            rank=0, world_size=1, workers=1, augment=AugmentConfig())  # fmt: skip
     times, start = [], time.perf_counter()
     for index, item in enumerate(batches):  # augmented on the device, as the trainer does

@@ -582,7 +582,7 @@ def epoch_batches(run: Run):
     return train_batches(
         run.cfg.shards,
         run.manifest,
-        segment=run.segment_samples,
+        segment_samples=run.segment_samples,
         batch_size=run.device_batch,
         batches=run.steps_per_epoch * run.accumulation,
         epoch=run.progress.epoch,

@@ -33,7 +33,7 @@ SHIFT = 0.25  # seconds, as the test shards were cut for
 
 
 def batches_of(shards, manifest, **options):
-    defaults = dict(segment=SEGMENT, batch_size=3, batches=4, epoch=0, seed=0, rank=0, world_size=1, workers=0)
+    defaults = dict(segment_samples=SEGMENT, batch_size=3, batches=4, epoch=0, seed=0, rank=0, world_size=1, workers=0)
     defaults.update(options)
     augment = defaults.pop("augment", AugmentConfig(shift=SHIFT))
     return list(train_batches(str(shards), manifest, augment=augment, **defaults))
@@ -76,7 +76,7 @@ def check_examples(batch, chunks: dict[str, np.ndarray]) -> None:
 def test_released_worker_buffers_are_reused_and_batches_stay_right(synth_shards):
     manifest = read_manifest(synth_shards)
     chunks = stored_chunks(synth_shards)
-    options = dict(segment=SEGMENT, batch_size=2, batches=16, epoch=0, seed=0, rank=0, world_size=1, workers=2)
+    options = dict(segment_samples=SEGMENT, batch_size=2, batches=16, epoch=0, seed=0, rank=0, world_size=1, workers=2)
     used = []
     for batch in train_batches(str(synth_shards), manifest, augment=AugmentConfig(shift=SHIFT), **options):
         check_examples(batch, chunks)  # read while the buffer is ours
@@ -157,7 +157,7 @@ def test_ranks_see_different_examples(synth_shards):
 def test_segment_longer_than_the_chunks_is_a_clear_error(synth_shards):
     manifest = read_manifest(synth_shards)
     with pytest.raises(UserError, match="reshard with a longer --segment"):
-        batches_of(synth_shards, manifest, segment=manifest.chunking.min_chunk_length)
+        batches_of(synth_shards, manifest, segment_samples=manifest.chunking.min_chunk_length)
 
 
 def test_shards_through_a_pipe_command(synth_shards):
@@ -197,7 +197,7 @@ def test_a_brace_pattern_trains_on_the_named_shards(synth_shards):
     manifest = read_manifest(pattern)
     assert [s.name for s in manifest.train] == [f"train/00000{i}.tar" for i in range(3)]
     assert manifest.valid == read_manifest(synth_shards).valid
-    batches = batches_of(pattern, manifest, segment=20000, batch_size=2, batches=2)
+    batches = batches_of(pattern, manifest, segment_samples=20000, batch_size=2, batches=2)
     assert len(batches) == 2 and batches[0].sources.shape == (2, 4, 2, 20000)
     assert {o.chunk.rsplit("/", 1)[0] for b in batches for o in b.origins} <= {s.name for s in manifest.train}
     with pytest.raises(UserError, match="not training shards"):

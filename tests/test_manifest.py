@@ -67,8 +67,9 @@ def test_shard_names_are_validated_before_any_command_runs(synth_shards, tmp_pat
     good = read_manifest(template.replace(str(bad), str(synth_shards)))
     record = dataclasses.replace(good.train[0], name=f"train/000000.tar; touch {marker}")
     forged = dataclasses.replace(good, train=(record, *good.train[1:]))
-    loader = train_batches(template, forged, segment=20000, batch_size=1, batches=len(forged.train) + 1, epoch=0,
-                           seed=0, rank=0, world_size=1, workers=0, augment=AugmentConfig(shift=0.25))  # fmt: skip
+    loader = train_batches(template, forged, segment_samples=20000, batch_size=1, batches=len(forged.train) + 1,
+                           epoch=0, seed=0, rank=0, world_size=1, workers=0,
+                           augment=AugmentConfig(shift=0.25))  # fmt: skip
     with pytest.raises(UserError, match="not a shard name"):
         list(loader)
     assert not marker.exists()

@@ -239,7 +239,7 @@ class _Pooled:
 class _TrainStream(torch.utils.data.IterableDataset):
     """The batches of one rank; in a DataLoader each worker produces its own share."""
 
-    def __init__(self, shards: str, manifest: Manifest, segment: int, batch_size: int, epoch: int, seed: int,
+    def __init__(self, shards: str, manifest: Manifest, segment_samples: int, batch_size: int, epoch: int, seed: int,
                  rank: int, world_size: int, workers: int, max_shift: int, spacing: int,
                  pool_chunks: int = POOL_CHUNKS, on_bad_shard: str = "stop"):  # fmt: skip
         super().__init__()
@@ -247,7 +247,12 @@ class _TrainStream(torch.utils.data.IterableDataset):
         self.bad: list[str] = []  # warnings about skipped shards, not yet sent (per worker process)
         self.bad_seen = False
         self.known_bad: set[str] = set()
-        self.shards, self.manifest, self.segment, self.batch_size = shards, manifest, segment, batch_size
+        self.shards, self.manifest, self.segment_samples, self.batch_size = (
+            shards,
+            manifest,
+            segment_samples,
+            batch_size,
+        )
         self.epoch, self.seed, self.rank, self.world_size, self.workers = epoch, seed, rank, world_size, workers
         self.max_shift, self.spacing, self.pool_chunks = max_shift, max(1, spacing), max(1, pool_chunks)
         self.crops = manifest.chunking.crops
@@ -309,7 +314,7 @@ class _TrainStream(torch.utils.data.IterableDataset):
 
     def examples(self, worker: int, generator: torch.Generator) -> Iterator[tuple[Crop, Origin]]:
         """Shifted crops drawn from the pool of decoded chunks (views: copied when batched)."""
-        span = self.segment + self.max_shift
+        span = self.segment_samples + self.max_shift
         stream = self.chunks(worker, generator)
 
         def enter() -> _Pooled:
@@ -317,7 +322,8 @@ class _TrainStream(torch.utils.data.IterableDataset):
             if chunk.data.shape[-1] < span:
                 raise UserError(
                     f"a stored chunk has {chunk.data.shape[-1]} samples but training needs {span} "
-                    f"(segment {self.segment} + shift {self.max_shift}): shard with a longer --segment or --shift"
+                    f"(segment {self.segment_samples} + shift {self.max_shift}): "
+                    "shard with a longer --segment or --shift"
                 )
             return chunk
 
@@ -330,7 +336,7 @@ class _TrainStream(torch.utils.data.IterableDataset):
             index = eligible[_pick(len(eligible), generator)]
             chosen = pool[index]
             start = _pick(chosen.data.shape[-1] - span + 1, generator)
-            crop = shift_crop(chosen.data, start, self.segment, self.max_shift, generator)
+            crop = shift_crop(chosen.data, start, self.segment_samples, self.max_shift, generator)
             yield crop, Origin(chosen.song, chosen.chunk, start, tuple(crop.offsets))
             recent.append((chosen.chunk, chosen.song))
             chosen.left -= 1
@@ -341,11 +347,11 @@ class _TrainStream(torch.utils.data.IterableDataset):
         """((batch, sources, channels, segment) in the stored dtype, its shared buffer's index):
         one copy per example and source."""
         first = crops[0].chunk
-        shape = (len(crops), *first.shape[:2], self.segment)
+        shape = (len(crops), *first.shape[:2], self.segment_samples)
         out, index = buffers.take(shape, first.dtype) if buffers else (torch.empty(shape, dtype=first.dtype), None)
         for item, crop in enumerate(crops):
             for source in range(first.shape[0]):
-                out[item, source].copy_(crop.source(source, self.segment))
+                out[item, source].copy_(crop.source(source, self.segment_samples))
         return out, index
 
     def __iter__(self) -> Iterator[TrainBatch | BadShard]:
@@ -422,7 +428,7 @@ def train_batches(
     shards: str,
     manifest: Manifest,
     *,
-    segment: int,
+    segment_samples: int,
     batch_size: int,
     batches: int,
     epoch: int,
@@ -436,8 +442,8 @@ def train_batches(
 ) -> TrainLoader:
     """One epoch of training batches for `rank`: exactly `batches` TrainBatch items on every rank.
 
-    segment: the model's input length in samples (model.valid_length(seconds * samplerate)).
-    Each batch's `sources` is (batch_size, S, C, segment) in the stored dtype, cropped with
+    segment_samples: the model's input length in samples (model.valid_length(seconds * samplerate)).
+    Each batch's `sources` is (batch_size, S, C, segment_samples) in the stored dtype, cropped with
     `augment.shift`; apply `augment.augment_step` on the device (mixture = its sum over sources).
     `augment.remix_group` sets how far apart two crops of one chunk (and, when it can, one song) are.
     The same (seed, epoch, rank, world_size, workers, pool_chunks) gives the same batches.
@@ -445,22 +451,22 @@ def train_batches(
     """
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} outside world size {world_size}")
-    if batch_size < 1 or batches < 0 or segment < 1 or pool_chunks < 1:
+    if batch_size < 1 or batches < 0 or segment_samples < 1 or pool_chunks < 1:
         raise UserError(
-            f"batch_size {batch_size}, batches {batches}, segment {segment}, pool_chunks {pool_chunks}: "
-            "must be positive"
+            f"batch_size {batch_size}, batches {batches}, segment_samples {segment_samples}, "
+            f"pool_chunks {pool_chunks}: must be positive"
         )
     shortest = manifest.chunking.min_chunk_length
     max_shift = int(round(augment.shift * manifest.samplerate))
-    if shortest < segment + max_shift:
+    if shortest < segment_samples + max_shift:
         raise UserError(
-            f"the shards' chunks have {shortest} samples but training needs {segment + max_shift} "
-            f"(segment {segment} + shift {augment.shift} s): reshard with a longer --segment or --shift, "
+            f"the shards' chunks have {shortest} samples but training needs {segment_samples + max_shift} "
+            f"(segment {segment_samples} + shift {augment.shift} s): reshard with a longer --segment or --shift, "
             "or train with a shorter segment or --shift"
         )
     if on_bad_shard not in ("stop", "skip"):
         raise UserError(f"on_bad_shard {on_bad_shard!r}: must be 'stop' or 'skip'")
-    stream = _TrainStream(shards, manifest, segment, batch_size, epoch, seed, rank, world_size, workers,
+    stream = _TrainStream(shards, manifest, segment_samples, batch_size, epoch, seed, rank, world_size, workers,
                           max_shift, augment.remix_group, pool_chunks, on_bad_shard)  # fmt: skip
     fewest = chunks_per_worker(manifest, world_size, workers)
     if fewest < augment.remix_group and rank == 0 and (shards, world_size, workers) not in _WARNED:
