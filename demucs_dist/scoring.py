@@ -72,7 +72,8 @@ def read_events(out: str | os.PathLike) -> list[tuple[str, str]]:
     path = Path(out) / EVENTS_FILE
     if not path.is_file():
         return []
-    return [tuple(line.rstrip("\n").split("\t")[2:4]) for line in path.read_text().splitlines() if line]
+    rows = [line.split("\t") for line in path.read_text().splitlines() if line]
+    return [(row[2], row[3]) for row in rows]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,6 +153,23 @@ def run_score_job(job: ScoreJob) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # The pool
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """Pool worker initializer: have the kernel kill this worker when its parent process dies
+    (Linux's PR_SET_PDEATHSIG; elsewhere nothing), so that a killed `shard` or `evaluate` leaves
+    no worker blocked on its task queue, or scoring into `--out`, for good. `parent`: the pid
+    the worker was started from; if it is already gone (it died before the call), exit now."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
 
 
 def default_workers(processes_on_node: int, cpus: int | None = None, memory_bytes: int | None = None) -> int:

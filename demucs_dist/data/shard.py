@@ -52,6 +52,7 @@ from ..config import ModelConfig, option, parse
 from ..errors import UserError, run_main
 from ..files import atomic_path, sha256_of
 from ..model import valid_length
+from ..scoring import die_with_parent
 from .manifest import (
     MANIFEST,
     MANIFEST_VERSION,
@@ -64,7 +65,15 @@ from .manifest import (
     read_manifest,
     write_manifest,
 )
-from .songs import check_rate, choose_validation, open_tracks, read_song, song_statistics
+from .songs import (
+    audio_paths,
+    check_rate,
+    choose_validation,
+    open_tracks,
+    read_song,
+    song_identity,
+    song_statistics,
+)
 
 CHUNKINGS = ("lean", "paper", "report")
 DTYPES = ("float16", "float32")
@@ -150,20 +159,28 @@ def plan_chunks(config: ShardConfig, layout: Layout, name: str, length: int) -> 
 
 
 def song_length(track) -> int:
-    """Samples of a song, without decoding it (for stems an estimate; shard tasks clamp to the truth)."""
+    """Samples of a song, without decoding it (for stems an estimate; shard tasks clamp to the truth).
+
+    UserError naming the song and the file for a missing stem or an empty file: checked here, at
+    plan time, rather than in a writer process later."""
+    paths = audio_paths(track)
     if track.is_wav:
-        paths = [track.path] + [track.sources[name].path for name in SOURCES]
         frames = []
-        for path in paths:  # checked here, at plan time, rather than in a writer process later
+        for path in paths:
             try:
                 info = soundfile.info(path)
             except (soundfile.LibsndfileError, RuntimeError) as exc:
                 raise UserError(f"cannot read {path}: {exc}") from None
             check_rate(info.samplerate, path)
+            if info.frames == 0:
+                raise UserError(f"song {track.name!r}: {path} has no samples (an empty file?)")
             frames.append(info.frames)
         return min(frames)
     check_rate(track.rate, track.path)
-    return int(track.duration * SAMPLERATE)
+    length = int((track.duration or 0) * SAMPLERATE)
+    if length <= 0:
+        raise UserError(f"song {track.name!r}: {track.path} has no samples (an empty file?)")
+    return length
 
 
 @dataclasses.dataclass
@@ -172,13 +189,23 @@ class ShardTask:
 
     name: str  # e.g. 'train/000003.tar'
     items: list[tuple[str, int, int]]  # (song, start, end); valid: the whole song, end = -1
-    digest: str  # identifies the content (items and options): a shard from other options is never reused
+    digest: str  # identifies the content (items, options, audio): a shard of other options or audio is never reused
 
 
-def pack(items: list[tuple[str, int, int]], sizes: list[int], target: int, split: str, salt: str) -> list[ShardTask]:
+def pack(
+    items: list[tuple[str, int, int]],
+    sizes: list[int],
+    target: int,
+    split: str,
+    salt: str,
+    audio: dict[str, str] | None = None,
+) -> list[ShardTask]:
     """Consecutive items into shards of at most `target` bytes (at least one item each).
 
-    `salt` names everything besides the items that changes a shard's bytes (source, dtype, ...)."""
+    `salt` names everything besides the items that changes a shard's bytes (source, dtype, ...);
+    `audio` ({song: songs.song_identity}) the audio files' fingerprints, so that a shard holding
+    a song whose files changed (a fixed song) is rewritten rather than skipped as complete."""
+    audio = audio or {}
     groups: list[list[tuple[str, int, int]]] = []
     total = 0
     for item, size in zip(items, sizes):
@@ -190,7 +217,9 @@ def pack(items: list[tuple[str, int, int]], sizes: list[int], target: int, split
     tasks = []
     for number, group in enumerate(groups):
         name = f"{split}/{number:06d}.tar"
-        digest = hashlib.sha256(json.dumps([salt, name, group]).encode()).hexdigest()[:16]
+        songs = sorted({song for song, _, _ in group})
+        identity = [salt, name, group] + ([[song, audio[song]] for song in songs] if audio else [])
+        digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
         tasks.append(ShardTask(name, group, digest))
     return tasks
 
@@ -208,6 +237,7 @@ def make_plan(config: ShardConfig) -> tuple[Manifest, list[ShardTask], dict]:
     if not train:
         raise UserError(f"all {len(names)} songs of {config.musdb}/train are validation songs: none left to train on")
     lengths = {name: song_length(track) for name, track in tracks.items()}
+    audio = {name: song_identity(track) for name, track in tracks.items()}
     itemsize = np.dtype(config.dtype).itemsize
     stream_bytes = AUDIO_CHANNELS * itemsize  # per sample per stream
 
@@ -230,7 +260,8 @@ def make_plan(config: ShardConfig) -> tuple[Manifest, list[ShardTask], dict]:
     salt = json.dumps(
         [MANIFEST_VERSION, os.path.abspath(config.musdb), config.is_wav, config.dtype, config.normalize, config.seed]
     )
-    tasks = pack(chunks, chunk_sizes, target, "train", salt) + pack(valid_items, valid_sizes, target, "valid", salt)
+    tasks = pack(chunks, chunk_sizes, target, "train", salt, audio)
+    tasks += pack(valid_items, valid_sizes, target, "valid", salt, audio)
 
     raw_bytes = sum(len(SOURCES) * AUDIO_CHANNELS * 2 * lengths[n] for n in train)  # 16-bit stems
     manifest = Manifest(
@@ -347,7 +378,7 @@ def write_shard(task: ShardTask, config: ShardConfig, training_length: int) -> d
             if end < 0:  # a whole validation song
                 meta = {"song": name, "offset": 0, **stats[name]}
                 members[index] = [
-                    (f"{song_key}.json", json.dumps(meta, sort_keys=True).encode()),
+                    (f"{song_key}.json", json.dumps(meta, sort_keys=True, allow_nan=False).encode()),
                     (f"{song_key}.mix.npy", stored(song.mix, mean, std, dtype)),
                     (f"{song_key}.sources.npy", stored(song.sources, mean, std, dtype)),
                 ]
@@ -361,7 +392,7 @@ def write_shard(task: ShardTask, config: ShardConfig, training_length: int) -> d
             key = f"{song_key}_{start:010d}"
             meta = {"song": name, "offset": start, "mean": mean, "std": std}
             members[index] = [
-                (f"{key}.json", json.dumps(meta, sort_keys=True).encode()),
+                (f"{key}.json", json.dumps(meta, sort_keys=True, allow_nan=False).encode()),
                 (f"{key}.sources.npy", stored(song.sources[..., start:end], mean, std, dtype)),
             ]
             lengths[index] = end - start
@@ -383,19 +414,128 @@ def write_shard(task: ShardTask, config: ShardConfig, training_length: int) -> d
         "digest": task.digest,
     }
     with atomic_path(out / (task.name + ".json")) as tmp:
-        tmp.write_text(json.dumps(record, sort_keys=True, indent=1))
+        tmp.write_text(json.dumps(record, sort_keys=True, indent=1, allow_nan=False))
     return record
 
 
+def _our_sidecar(path: Path) -> bool:
+    """Whether `path` is a shard sidecar (NNNNNN.tar.json) that `write_shard` wrote."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"digest", "sha256", "samples"} <= record.keys()
+
+
+def _our_manifest(out: Path) -> dict | None:
+    """The parsed manifest.json in `out` if demucs-dist wrote it (any version), else None."""
+    try:
+        data = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    ours = isinstance(data, dict) and {"version", "chunking", "songs", "train", "valid"} <= data.keys()
+    return data if ours else None
+
+
+def is_our_folder(out: Path) -> bool:
+    """Whether `out` holds shards written by `demucs-dist shard`: our manifest.json, or (a first
+    run killed before writing its manifest) one of our sidecars."""
+    if (out / MANIFEST).exists():
+        return _our_manifest(out) is not None
+    return any(_our_sidecar(path) for split in ("train", "valid") for path in sorted((out / split).glob("*.tar.json")))
+
+
+def check_out_folder(out: Path) -> None:
+    """`--out` must be a new or empty folder, or one this program wrote (`is_our_folder`): the
+    writer deletes stale shards and replaces manifest.json there, which in another program's
+    webdataset folder would destroy its files. UserError (one line) otherwise."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+    if any(out.iterdir()) and not is_our_folder(out):
+        raise UserError(
+            f"--out {out} is not empty and was not written by demucs-dist shard (no manifest.json of ours): "
+            "refusing to write or delete anything in it; choose a new or empty folder"
+        )
+    for folder in (out, out / "train", out / "valid"):
+        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            raise UserError(f"--out {out}: cannot write in {folder} (read-only?)")
+
+
 def remove_stale(out: Path, tasks: list[ShardTask]) -> None:
-    """Delete shard files of an earlier run that this plan does not write (only our own names)."""
+    """Delete shard files of an earlier run that this plan does not write: only files this program
+    wrote (a tar listed in our manifest or next to our sidecar, our sidecars, our temporary names),
+    never another file that happens to be in the folder."""
     keep = {t.name for t in tasks} | {t.name + ".json" for t in tasks}
+    previous = _our_manifest(out) or {}
+    listed = {
+        record.get("name")
+        for split in ("train", "valid")
+        for record in previous.get(split, ())
+        if isinstance(record, dict)
+    }
+    stale = []
     for split in ("train", "valid"):
         folder = out / split
-        if folder.is_dir():
-            for path in folder.iterdir():
-                if SHARD_FILE.match(path.name) and f"{split}/{path.name}" not in keep:
-                    path.unlink()
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            name = f"{split}/{path.name}"
+            if not SHARD_FILE.match(path.name) or name in keep:
+                continue
+            if path.name.endswith(".tar"):
+                ours = name in listed or _our_sidecar(path.with_name(path.name + ".json"))
+            elif path.name.endswith(".tar.json"):
+                ours = _our_sidecar(path)
+            else:  # .NNNNNN.tar.tmpPID: a temporary file of atomic_path, left by a killed run
+                ours = path.name.startswith(".")
+            stale += [path] if ours else []
+    for path in stale:  # decided first: a tar is recognised by its sidecar
+        path.unlink()
+
+
+def write_tasks(tasks: list[ShardTask], config: ShardConfig, training_length: int) -> dict[str, dict]:
+    """Write every shard of `tasks` (in `config.workers` processes) and return their sidecar
+    records by name.
+
+    A bad song (NaN samples...) is found when a shard task decodes it: the other shards are still
+    written (a rerun after the fix skips them), then one UserError names every bad song."""
+    records: dict[str, dict] = {}
+    failures: dict[str, str] = {}
+    progress = tqdm(total=len(tasks), desc="shards", unit="shard")
+    if config.workers <= 1:
+        for task in tasks:
+            try:
+                records[task.name] = write_shard(task, config, training_length)
+            except UserError as exc:
+                failures[task.name] = str(exc)
+            progress.update()
+    else:
+        # fork: the workers inherit the musdb tracks instead of rerunning ffprobe on every file.
+        # The workers die with this process (die_with_parent), or a killed run would leave them
+        # blocked on the task queue for good.
+        pool = ProcessPoolExecutor(
+            config.workers, mp_context=get_context("fork"), initializer=die_with_parent, initargs=(os.getpid(),)
+        )
+        with pool:
+            futures = {pool.submit(write_shard, task, config, training_length): task for task in tasks}
+            for future in as_completed(futures):
+                try:
+                    records[futures[future].name] = future.result()
+                except UserError as exc:
+                    failures[futures[future].name] = str(exc)
+                progress.update()
+    progress.close()
+    if failures:
+        problems = sorted(set(failures.values()))
+        raise UserError(
+            f"{len(failures)} of {len(tasks)} shards not written: {'; '.join(problems)} "
+            "(the other shards are written: fix the song(s) and rerun the same command)"
+        )
+    return records
 
 
 def write_shards(config: ShardConfig) -> Manifest | None:
@@ -407,23 +547,11 @@ def write_shards(config: ShardConfig) -> Manifest | None:
         return None
     out = Path(config.out)
     training_length = manifest.chunking.training_length
+    check_out_folder(out)
     remove_stale(out, tasks)
     global _TRACKS
     _TRACKS = tracks
-    records: dict[str, dict] = {}
-    progress = tqdm(total=len(tasks), desc="shards", unit="shard")
-    if config.workers <= 1:
-        for task in tasks:
-            records[task.name] = write_shard(task, config, training_length)
-            progress.update()
-    else:
-        # fork: the workers inherit the musdb tracks instead of rerunning ffprobe on every file.
-        with ProcessPoolExecutor(config.workers, mp_context=get_context("fork")) as pool:
-            futures = {pool.submit(write_shard, task, config, training_length): task for task in tasks}
-            for future in as_completed(futures):
-                records[futures[future].name] = future.result()
-                progress.update()
-    progress.close()
+    records = write_tasks(tasks, config, training_length)
 
     stats: dict[str, SongStats] = {}
     for record in records.values():

@@ -6,6 +6,7 @@ that do not match, both silently; here both are errors that say what was expecte
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from dataclasses import dataclass
@@ -132,10 +133,66 @@ def check_rate(rate: float, where: str) -> None:
         )
 
 
+def audio_paths(track) -> list[str]:
+    """The files a song's audio comes from: the .stem.mp4, or (wav layout) mixture.wav and the four
+    stems in SOURCES order. UserError naming the song and the file for a missing stem (musdb
+    silently leaves it out of `track.sources`)."""
+    if not track.is_wav:
+        return [track.path]
+    folder = Path(track.path).parent
+    missing = [f"{name}.wav" for name in SOURCES if name not in track.sources]
+    if missing or not os.path.isfile(track.path):
+        missing = ([] if os.path.isfile(track.path) else [Path(track.path).name]) + missing
+        raise UserError(f"song {track.name!r}: {', '.join(missing)} missing in {folder}")
+    return [track.path] + [track.sources[name].path for name in SOURCES]
+
+
+HASHED_BYTES = 1 << 20  # file_identity hashes the first and the last MB
+
+
+def file_identity(path: str | os.PathLike) -> str:
+    """A cheap fingerprint of an audio file's content: its size and the sha256 of its first and
+    last MB. Reading two MB per file instead of the whole file keeps it cheap for a whole
+    dataset; a change that keeps the size and touches neither end goes unseen."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(HASHED_BYTES))
+        if size > HASHED_BYTES:
+            f.seek(max(HASHED_BYTES, size - HASHED_BYTES))
+            digest.update(f.read())
+    return f"{size}:{digest.hexdigest()[:16]}"
+
+
+def song_identity(track) -> str:
+    """The fingerprints of all of a song's audio files (`file_identity`), as one string: what a
+    shard digest and an evaluation's run.json record, so that changed audio is never mistaken for
+    what was shard or scored before."""
+    return ",".join(file_identity(path) for path in audio_paths(track))
+
+
+def check_finite(name: str, streams: list[np.ndarray], paths: list[str]) -> None:
+    """UserError naming the song and the file if a stream (mixture first, then SOURCES) holds NaN
+    or infinite samples, or none at all: such audio would poison every statistic computed from it
+    (shards of NaN, a z-score of NaN, a score of NaN) without any error later on."""
+    labels = ["mixture", *SOURCES]
+    for label, stream in zip(labels, streams):
+        where = paths[min(len(paths) - 1, labels.index(label))]
+        if stream.shape[-1] == 0:
+            raise UserError(f"song {name!r}: the {label} in {where} has no samples (an empty file?)")
+        bad = int(np.size(stream) - np.count_nonzero(np.isfinite(stream)))
+        if bad:
+            raise UserError(
+                f"song {name!r}: the {label} in {where} has {bad} NaN or infinite samples: fix or remove the song"
+            )
+
+
 def read_song(track) -> Song:
-    """Decode a musdb track into a Song (mixture and the four sources, SOURCES order)."""
+    """Decode a musdb track into a Song (mixture and the four sources, SOURCES order).
+
+    UserError for a missing stem, an empty stream and NaN or infinite samples (`check_finite`)."""
     if track.is_wav:  # soundfile is ~30x faster than musdb's ffmpeg subprocess per file
-        paths = [track.path] + [track.sources[name].path for name in SOURCES]
+        paths = audio_paths(track)
         streams = []
         for path in paths:
             try:
@@ -151,7 +208,14 @@ def read_song(track) -> Song:
             raise UserError(f"cannot read {track.path}: {exc}") from None
         check_rate(track.rate, track.path)
         order = {name: source.stem_id for name, source in track.sources.items()}
+        if len(stems) < 1 + len(SOURCES) or any(order.get(n, len(stems)) >= len(stems) for n in SOURCES):
+            raise UserError(
+                f"song {track.name!r}: {track.path} has {len(stems)} audio streams, expected "
+                f"{1 + len(SOURCES)} (mixture, {', '.join(SOURCES)})"
+            )
+        paths = [track.path]
         streams = [_as_stereo(stems[0], track.path)] + [_as_stereo(stems[order[n]], track.path) for n in SOURCES]
+    check_finite(track.name, streams, paths)
     length = min(s.shape[-1] for s in streams)  # encoders may pad streams differently
     streams = [s[..., :length] for s in streams]
     return Song(track.name, streams[0], np.stack(streams[1:]), SAMPLERATE)
