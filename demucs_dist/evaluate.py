@@ -17,7 +17,9 @@ Output folder (the same on every node: `--out` must be shared on a multi-node ru
                                  written once museval is done: a rerun skips these songs
     <out>/results.json           the aggregate, per-song medians and losses, and what this run did
     <out>/results.md             the table (also printed)
-    <out>/run.json               model hash and settings: a rerun with other ones is refused
+    <out>/run.json               model hash, settings and the dataset (root, format, each song's
+                                 audio fingerprint): a rerun with other ones, or on changed audio,
+                                 is refused rather than reporting the old scores as new
     <out>/events.log             one line per song inferred and per song scored, by any run
     <out>/estimates/<subset>/<song>/<source>.wav   with --save-estimates (museval's layout)
 
@@ -35,6 +37,7 @@ import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -46,6 +49,7 @@ from .audio import write_wav
 from .config import ApplyConfig, option, parse
 from .errors import UserError, run_main
 from .files import atomic_path, sha256_of
+from .model import Demucs
 from .modelfile import read_model_file
 from .scoring import (
     SCORERS,
@@ -54,6 +58,7 @@ from .scoring import (
     aggregate,
     default_workers,
     format_table,
+    left_out_note,
     load_results,
     log_event,
     read_song_json,
@@ -103,7 +108,16 @@ class EvaluateConfig:
 # Checks made before any rank starts working
 
 
-def select_tracks(config: EvaluateConfig) -> list:
+class TrackSelection(Protocol):
+    """The options `select_tracks` reads (EvaluateConfig's, and score.ScoreConfig's)."""
+
+    musdb: str
+    is_wav: bool
+    subset: str
+    songs: list[str]
+
+
+def select_tracks(config: TrackSelection) -> list:
     """The musdb tracks to score, by name; UserError for unknown names or an empty selection."""
     from .data.songs import open_tracks
 
@@ -131,6 +145,7 @@ def check_config(config: EvaluateConfig) -> None:
         raise UserError(f"model file not found: {config.model}")
     if not config.out:
         raise UserError("--out is required: the folder the scores go to")
+    check_out(config.out)
     for path in config.compare:
         if not os.path.isfile(path):
             raise UserError(f"--compare: no results file {path}")
@@ -142,9 +157,36 @@ def check_config(config: EvaluateConfig) -> None:
         config.loss = read_model_file(config.model)["info"].get("loss", "l1") if config.model else "l1"
 
 
-def run_identity(config: EvaluateConfig, apply_config: ApplyConfig) -> dict:
-    """What the scores in `--out` depend on. A rerun must match it, or it would mix two runs."""
-    identity = {"model_sha256": sha256_of(config.model)} if config.model else {"baseline": config.baseline}
+def check_out(out: str | os.PathLike) -> None:
+    """UserError (one line) for an `--out` that is a file or a folder this process cannot write,
+    found before any song is inferred rather than when the first score is written."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: cannot write in {existing} (read-only?)")
+
+
+def dataset_identity(musdb: str, is_wav: bool, tracks: Mapping) -> dict[str, Any]:
+    """What the scores depend on in the dataset: its root (absolute), its format and every song's
+    audio fingerprint (`songs.song_identity`: sizes and hashes of the first and last MB). MUSDB18
+    and MUSDB18-HQ have the same song names: without this, scores of one would be reported as
+    the other's."""
+    from .data.songs import song_identity
+
+    return {
+        "dataset": {"root": os.path.abspath(musdb), "format": "wav" if is_wav else "stems"},
+        "songs": {name: song_identity(track) for name, track in tracks.items()},
+    }
+
+
+def run_identity(config: EvaluateConfig, apply_config: ApplyConfig, tracks: Mapping | None = None) -> dict:
+    """What the scores in `--out` depend on. A rerun must match it, or it would mix two runs.
+    `tracks` ({name: musdb track}): the songs, whose audio fingerprints are recorded."""
+    identity: dict[str, Any] = (
+        {"model_sha256": sha256_of(config.model)} if config.model else {"baseline": config.baseline}
+    )
     if config.model:
         identity.update(
             shifts=apply_config.shifts,
@@ -154,20 +196,46 @@ def run_identity(config: EvaluateConfig, apply_config: ApplyConfig) -> dict:
             seed=config.seed,
         )
     identity.update(subset=config.subset, loss=config.loss)
+    if tracks is not None:
+        identity.update(dataset_identity(config.musdb, config.is_wav, tracks))
     return identity
 
 
-def check_run_file(out: Path, identity: Mapping) -> None:
-    """Refuse to add scores of another model or other settings to an existing output folder."""
+def check_run_file(out: Path, identity: Mapping) -> dict:
+    """Refuse to add scores of another model, other settings, another dataset or changed audio to
+    an existing output folder; UserError naming run.json if it is not ours (corrupt). Returns the
+    identity to write back: this one, its "songs" merged with those of the earlier runs (a rerun
+    may score more songs)."""
     path = out / "run.json"
-    if path.is_file():
+    if not path.is_file():
+        return dict(identity)
+    try:
         previous = json.loads(path.read_text())
-        changed = [f"{k}: {previous.get(k)} -> {v}" for k, v in identity.items() if previous.get(k) != v]
-        if changed:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{path} is not a run.json written by demucs-dist ({exc}): {_START_OVER}") from None
+    if not isinstance(previous, dict):
+        raise UserError(f"{path} is not a run.json written by demucs-dist: {_START_OVER}")
+    changed = [f"{k}: {previous.get(k)} -> {v}" for k, v in identity.items() if k != "songs" and previous.get(k) != v]
+    if changed:
+        raise UserError(f"{out} holds scores made with other settings ({'; '.join(changed)}); {_START_OVER}")
+    merged = dict(identity)
+    if "songs" in identity:
+        songs = previous.get("songs")
+        if not isinstance(songs, dict):
+            raise UserError(f"{path} records no song fingerprints (an older or damaged run.json): {_START_OVER}")
+        new = identity["songs"]
+        differ = sorted(name for name in new if name in songs and songs[name] != new[name])
+        if differ:
             raise UserError(
-                f"{out} holds scores made with other settings ({'; '.join(changed)}); "
-                "use another --out, or delete it to start over"
+                f"the audio of {len(differ)} song(s) changed since they were scored in {out} "
+                f"({', '.join(differ[:3])}{'...' if len(differ) > 3 else ''}): their scores would be stale; "
+                f"{_START_OVER}"
             )
+        merged["songs"] = {**songs, **new}
+    return merged
+
+
+_START_OVER = "use another --out, or delete it to start over"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +243,7 @@ def check_run_file(out: Path, identity: Mapping) -> None:
 
 
 def infer_song(
-    model: torch.nn.Module | None,
+    model: Demucs | None,
     song,
     apply_config: ApplyConfig,
     seed: int,
@@ -227,7 +295,7 @@ def make_scorer(
 def infer_and_score(
     config: EvaluateConfig,
     apply_config: ApplyConfig,
-    model: torch.nn.Module | None,
+    model: Demucs | None,
     tracks: Mapping,
     names: Iterable[str],
     scorer: DeviceScorer | ScoringPool,
@@ -284,8 +352,7 @@ def evaluate(config: EvaluateConfig, apply_config: ApplyConfig) -> dict | None:
     check_config(config)
     tracks = {t.name: t for t in select_tracks(config)}
     out = Path(config.out)
-    identity = run_identity(config, apply_config)
-    check_run_file(out, identity)
+    identity = check_run_file(out, run_identity(config, apply_config, tracks))
 
     accelerator = make_accelerator(mixed_precision="no", timeout_s=config.timeout)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -294,11 +361,11 @@ def evaluate(config: EvaluateConfig, apply_config: ApplyConfig) -> dict | None:
         with atomic_path(out / "run.json") as tmp:
             tmp.write_text(json.dumps(identity, indent=2))
         shutil.rmtree(out / ".scratch", ignore_errors=True)  # arrays left by a killed run
-        done = [n for n in tracks if song_json_path(out, config.subset, n).is_file()]
+        scored = [n for n in tracks if song_json_path(out, config.subset, n).is_file()]
     else:
-        done = None
+        scored = None
     # Every rank must split the same remaining songs: rank 0 looks, before anyone scores one.
-    done = set(broadcast_object_list([done])[0])
+    done = set(broadcast_object_list([scored])[0])
     remaining = {n: float(tracks[n].duration or 0.0) for n in tracks if n not in done}
     mine = balance(remaining, world)[rank]
 
@@ -383,7 +450,7 @@ def gather_results(
     print(
         f"\n{table}\n\n{len(tracks)} songs: inferred {run['inferred']} and scored {run['scored']} in this run "
         f"({run['skipped']} already scored), {run['processes']} processes, {run['seconds']:.0f} s. "
-        f"Scores in {out}/{config.subset}/, table in {out}/results.md"
+        f"Scores in {out}/{config.subset}/, table in {out}/results.md" + left_out_note(results)
     )
     return results
 

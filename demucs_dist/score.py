@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile
@@ -34,6 +35,7 @@ from tqdm import tqdm
 from . import SOURCES
 from .config import option, parse
 from .errors import UserError, run_main
+from .evaluate import check_out, check_run_file, dataset_identity, select_tracks
 from .files import atomic_path
 from .scoring import (
     SCORERS,
@@ -42,6 +44,7 @@ from .scoring import (
     aggregate,
     default_workers,
     format_table,
+    left_out_note,
     load_results,
     read_song_json,
     song_json_path,
@@ -82,6 +85,7 @@ def check_config(config: ScoreConfig) -> None:
         raise UserError(f"no '{config.subset}' folder in {config.estimates}: expected <song>/<source>.wav under it")
     if not config.out:
         raise UserError("--out is required: the folder the scores go to")
+    check_out(config.out)
     if config.device not in ("auto", "cpu") and not config.device.startswith("cuda"):
         raise UserError(f"--device {config.device!r}: use auto, cpu, cuda or cuda:N")
     if config.device.startswith("cuda") and not torch.cuda.is_available():
@@ -145,18 +149,35 @@ def make_scorer(config: ScoreConfig, out: Path) -> DeviceScorer | ScoringPool:
     return ScoringPool(workers, out / ".scratch", max(1, cpus_per_process(1) // workers))
 
 
+def run_identity(config: ScoreConfig, tracks: Mapping) -> dict:
+    """What the scores in `--out` depend on: the estimates folder, subset, loss, the dataset, and
+    per song the fingerprints of its reference audio and of its four estimate files, so that
+    changed references or changed estimates are never reported with their old scores."""
+    from .data.songs import file_identity
+
+    identity: dict[str, Any] = {
+        "estimates": os.path.abspath(config.estimates),
+        "subset": config.subset,
+        "loss": config.loss,
+    }
+    identity.update(dataset_identity(config.musdb, config.is_wav, tracks))
+    identity["songs"] = {
+        name: audio + ";" + ",".join(file_identity(path) for path in estimate_paths(config, name))
+        for name, audio in identity["songs"].items()
+    }
+    return identity
+
+
 def score(config: ScoreConfig) -> dict:
     """Score every selected song not scored yet, then aggregate all of them. Returns the results."""
     from .data.songs import read_song
-    from .evaluate import check_run_file, select_tracks
 
     started = time.time()
     check_config(config)
     tracks = {t.name: t for t in select_tracks(config)}
     check_estimates(config, list(tracks))
     out = Path(config.out)
-    identity = {"estimates": os.path.abspath(config.estimates), "subset": config.subset, "loss": config.loss}
-    check_run_file(out, identity)
+    identity = check_run_file(out, run_identity(config, tracks))
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "run.json") as tmp:
         tmp.write_text(json.dumps(identity, indent=2))
@@ -212,7 +233,7 @@ def write_results(config: ScoreConfig, tracks: Mapping, label: str, scored: int,
         tmp.write_text(table + "\n")
     print(
         f"\n{table}\n\n{len(tracks)} songs: scored {scored} in this run ({len(tracks) - scored} already scored), "
-        f"{seconds:.0f} s. Scores in {out}/{config.subset}/, table in {out}/results.md"
+        f"{seconds:.0f} s. Scores in {out}/{config.subset}/, table in {out}/results.md" + left_out_note(results)
     )
     return results
 

@@ -16,6 +16,17 @@ pool lets the device infer the next songs while earlier ones are scored. Songs t
 workers as .npy files in a scratch folder rather than through a pipe, so a 4-minute song (~170 MB
 of references and estimates) is not pickled, and at most `2 * workers` songs wait on disk.
 
+Silent sources. museval refuses a song in which a reference or an estimate is all zeros
+(`museval.metrics.validate` raises ValueError: an all-zero reference makes the decomposition
+ambiguous), and within a song it gives NaN, for every source, to each window where any reference
+or estimate is silent (`_any_source_silent`). A MUSDB song with a silent stem throughout (an
+instrumental: no vocals) would then never be scored, and an evaluation would fail on every
+rerun. Here such a source is left out of that song (`silent_sources`): the other sources are
+scored without it (a silent reference spans nothing, so their projections are the same) and its
+frames are NaN, which is what museval's own framewise rule gives a silent window; the aggregation
+then leaves that song out of that source's median, as it does for any NaN song. The song's json
+records what was left out (`"left_out"` under `"demucs_dist"`). Both scorers apply this rule.
+
 Aggregation (the 2019 code and museval's EvalStore(frames_agg="median", tracks_agg="median")):
 per song, source and metric the nanmedian over 1 s frames; per source the median over songs
 (NaN songs left out); "All" is the mean of the four sources.
@@ -93,30 +104,74 @@ def track_store(name: str, scores: Mapping[str, np.ndarray]):
     return store
 
 
+def silent_sources(references, estimates) -> dict[str, str]:
+    """{source: why} of the sources to leave out of a song: those whose reference or estimate is
+    silent throughout, by museval's test (the sum over channels is 0 at every sample).
+    references, estimates: (sources, channels, samples) arrays or torch tensors."""
+    found = {}
+    for what, signals in (("reference", references), ("estimate", estimates)):
+        if isinstance(signals, np.ndarray):
+            silent = np.all(np.sum(signals, axis=1, dtype=np.float64) == 0, axis=-1)
+        else:
+            silent = (signals.double().sum(1) == 0).all(-1).cpu().numpy()
+        for source, is_silent in zip(SOURCES, silent):
+            if is_silent and source not in found:
+                found[source] = f"{what} silent throughout"
+    return found
+
+
+def _with_left_out(scores: Mapping, kept: list[int], sources: int, windows: int) -> dict[str, np.ndarray]:
+    """(sources, windows) arrays of every metric: `scores` (of the `kept` sources) in their rows,
+    NaN in the rows of the sources left out."""
+    full = {metric: np.full((sources, windows), np.nan) for metric in METRICS}
+    for metric in METRICS:
+        if kept:
+            full[metric][kept] = np.asarray(scores[metric])
+    return full
+
+
 def score_song(name: str, references: np.ndarray, estimates: np.ndarray, samplerate: int):
     """museval (bss_eval v4, 1 s windows and hops) of four (sources, channels, samples) arrays.
 
-    Returns a museval.TrackStore with one target per source, in SOURCES order.
+    Returns a museval.TrackStore with one target per source, in SOURCES order. A source silent
+    throughout (`silent_sources`) is left out of museval's call and gets NaN frames, instead of
+    museval refusing the whole song.
     """
     import museval
 
+    from .bss import window_count
+
     window = int(WINDOW_SECONDS * samplerate)
-    # museval wants (sources, samples, channels), float64.
-    refs = np.asarray(references, dtype=np.float64).transpose(0, 2, 1)
-    ests = np.asarray(estimates, dtype=np.float64).transpose(0, 2, 1)
-    sdr, isr, sir, sar = museval.evaluate(refs, ests, win=window, hop=window)
-    return track_store(name, {"SDR": sdr, "ISR": isr, "SIR": sir, "SAR": sar})
+    left_out = silent_sources(np.asarray(references), np.asarray(estimates))
+    kept = [i for i, source in enumerate(SOURCES) if source not in left_out]
+    windows = window_count(np.shape(references)[-1], window, window)
+    scores: Mapping = {}
+    if kept:
+        # museval wants (sources, samples, channels), float64.
+        refs = np.asarray(references, dtype=np.float64)[kept].transpose(0, 2, 1)
+        ests = np.asarray(estimates, dtype=np.float64)[kept].transpose(0, 2, 1)
+        sdr, isr, sir, sar = museval.evaluate(refs, ests, win=window, hop=window)
+        scores = {"SDR": sdr, "ISR": isr, "SIR": sir, "SAR": sar}
+    return track_store(name, _with_left_out(scores, kept, len(SOURCES), windows))
 
 
 def score_song_torch(name: str, references, estimates, samplerate: int, device=None):
     """The same TrackStore as `score_song`, computed by demucs_dist.bss (torch) on `device`
     (default: where `references` are). references, estimates: arrays or tensors
-    (sources, channels, samples). Raises bss.SilentSourceError (a UserError) where museval would
-    refuse the song (a source or estimate silent throughout)."""
-    from .bss import bss_eval_v4
+    (sources, channels, samples). A source silent throughout is left out, as in `score_song`."""
+    import torch
 
-    scores = bss_eval_v4(references, estimates, window_samples=int(WINDOW_SECONDS * samplerate), device=device)
-    return track_store(name, scores.numpy())
+    from .bss import bss_eval_v4, window_count
+
+    window = int(WINDOW_SECONDS * samplerate)
+    left_out = silent_sources(references, estimates)
+    kept = [i for i, source in enumerate(SOURCES) if source not in left_out]
+    windows = window_count(references.shape[-1], window, window)
+    scores: Mapping = {}
+    if kept:
+        refs, ests = torch.as_tensor(references)[kept], torch.as_tensor(estimates)[kept]
+        scores = bss_eval_v4(refs, ests, window_samples=window, device=device).numpy()
+    return track_store(name, _with_left_out(scores, kept, len(SOURCES), windows))
 
 
 def write_song_json(path: str | os.PathLike, store, extra: Mapping) -> None:
@@ -143,9 +198,11 @@ def run_score_job(job: ScoreJob) -> float:
     start = time.perf_counter()
     arrays = np.load(job.arrays_path)
     store = score_song(job.name, arrays[0], arrays[1], job.samplerate)
+    left_out = silent_sources(arrays[0], arrays[1])
     del arrays
     seconds = time.perf_counter() - start
-    write_song_json(job.json_path, store, {**job.extra, "scorer": "museval", "museval_seconds": round(seconds, 3)})
+    extra = {**job.extra, "scorer": "museval", "museval_seconds": round(seconds, 3)}
+    write_song_json(job.json_path, store, {**extra, **({"left_out": left_out} if left_out else {})})
     log_event(job.out, "scored", job.name)
     os.unlink(job.arrays_path)
     return seconds
@@ -234,7 +291,11 @@ class ScoringPool:
         self.workers = workers
         self.scratch = Path(scratch)
         self.scratch.mkdir(parents=True, exist_ok=True)
-        self._executor = ProcessPoolExecutor(workers, mp_context=_worker_context(threads_per_worker))
+        # The workers' parent is the forkserver, which exits when this process dies (killed, or
+        # SIGTERM's default action): die_with_parent then takes the workers down with it.
+        self._executor = ProcessPoolExecutor(
+            workers, mp_context=_worker_context(threads_per_worker), initializer=die_with_parent
+        )
         self._pending: dict[Future, ScoreJob] = {}
         self._lock = threading.Lock()  # the progress bar is updated from the pool's thread
         self.failures: dict[str, str] = {}
@@ -298,8 +359,20 @@ class ScoringPool:
         if exc_type is None:
             self.close()
         else:  # interrupted: do not wait for museval; finished songs are already on disk
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._bar.close()
+            self.terminate()
+
+    def terminate(self) -> None:
+        """Stop at once: kill the workers (a song being scored is lost, its json never written)
+        and drop the queue. Without the kill, the interpreter's exit would wait for every running
+        museval call (tens of seconds after a Ctrl-C), and the workers would go on writing into
+        `--out` after the run was stopped."""
+        processes = list((getattr(self._executor, "_processes", None) or {}).values())
+        for process in processes:
+            process.kill()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.join(5)
+        self._bar.close()
 
 
 class DeviceScorer:
@@ -343,7 +416,9 @@ class DeviceScorer:
             self._bar.update(1)
         seconds = time.perf_counter() - start
         self.seconds += seconds
-        write_song_json(json_path, store, {**extra, "scorer": "torch", "scoring_seconds": round(seconds, 3)})
+        left_out = silent_sources(references, estimates)
+        extra = {**extra, "scorer": "torch", "scoring_seconds": round(seconds, 3)}
+        write_song_json(json_path, store, {**extra, **({"left_out": left_out} if left_out else {})})
         log_event(out, "scored", name)
         self.scored.append(name)
 
@@ -400,11 +475,27 @@ def aggregate(documents: Mapping[str, Mapping]) -> dict:
     songs = {
         name: {"loss": documents[name].get(EXTRA_KEY, {}).get("loss"), **medians} for name, medians in per_song.items()
     }
+    left_out = {
+        name: doc[EXTRA_KEY]["left_out"] for name, doc in documents.items() if doc.get(EXTRA_KEY, {}).get("left_out")
+    }
     return {
         "scores": {column: scores[column] for column in TABLE_COLUMNS},
         "loss": float(np.mean(losses)) if losses else float("nan"),
         "songs": songs,
+        "left_out": dict(sorted(left_out.items())),  # {song: {source: why}}: silent sources not scored
     }
+
+
+def left_out_note(results: Mapping) -> str:
+    """A line naming the sources left out of songs because they are silent throughout (empty if
+    none), printed under the table so that a median over fewer songs is not a surprise."""
+    left_out = results.get("left_out") or {}
+    if not left_out:
+        return ""
+    listing = "; ".join(
+        f"{song}: {', '.join(f'{s} ({why})' for s, why in sources.items())}" for song, sources in left_out.items()
+    )
+    return f"\nLeft out (silent throughout, NaN frames, not in that source's median): {listing}"
 
 
 def format_table(results: Mapping, compare: Mapping[str, Mapping] | None = None) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-from helpers import SHARD_ARGS, output, run
+from helpers import SHARD_ARGS, cpu_env, output, run
 
 from demucs_dist import SAMPLERATE
 from demucs_dist.data.shard import main as shard_main
@@ -199,3 +199,151 @@ def test_killed_shard_leaves_no_worker_behind(musdb_copy, tmp_path):
     finally:
         process.kill()
         kill_all(workers)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate (and score): the store's identity, silent stems, stopping
+
+
+def song_folder(root: Path) -> Path:
+    (folder,) = sorted((root / "test").iterdir())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def silent_bass_root(tmp_path_factory) -> Path:
+    """One 3 s test song whose bass is all zeros (an instrumental-style song without bass); the
+    mixture is still the exact sum of its stems."""
+    from demucs_dist.data.synth import synthesize
+
+    root = synthesize(tmp_path_factory.mktemp("silent") / "musdb", train=0, valid=0, test=1, seconds=3.0)
+    folder = song_folder(root)
+    stems = {}
+    for stem in ("drums", "bass", "other", "vocals"):
+        stems[stem], _ = soundfile.read(folder / f"{stem}.wav", dtype="int16", always_2d=True)
+    stems["bass"][:] = 0
+    mixture = sum(stems[s].astype(np.int32) for s in stems)
+    soundfile.write(folder / "bass.wav", stems["bass"], SAMPLERATE, subtype="PCM_16")
+    soundfile.write(folder / "mixture.wav", mixture.astype(np.int16), SAMPLERATE, subtype="PCM_16")
+    return root
+
+
+def baseline_args(root: Path, out: Path) -> list[str]:
+    return ["--baseline", "mixture", "--musdb", str(root), "--is-wav", "--out", str(out), "--no-progress"]
+
+
+def evaluate_process(args: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "demucs_dist.evaluate", *args], env=cpu_env(), timeout=timeout)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, output(result)
+    assert "Traceback" not in result.stderr, output(result)
+    (line,) = [line for line in result.stderr.splitlines() if line.strip()]
+    assert line.startswith("error: ")
+    return line
+
+
+def song_document(out: Path, root: Path) -> dict:
+    return json.loads((out / "test" / f"{song_folder(root).name}.json").read_text())
+
+
+def frames(document: dict, source: str, metric: str = "SDR") -> np.ndarray:
+    (target,) = [t for t in document["targets"] if t["name"] == source]
+    return np.array([float(frame["metrics"][metric]) for frame in target["frames"]])
+
+
+def test_silent_stem_is_left_out_and_the_table_is_written(silent_bass_root, tmp_path, capsys):
+    from demucs_dist.evaluate import main as evaluate_main
+
+    out = tmp_path / "eval"
+    evaluate_main(baseline_args(silent_bass_root, out))
+    printed = capsys.readouterr().out
+    assert "| SDR |" in printed and (out / "results.md").is_file()
+    assert "Left out" in printed and "bass (reference silent throughout)" in printed
+    document = song_document(out, silent_bass_root)
+    assert document["demucs_dist"]["left_out"] == {"bass": "reference silent throughout"}
+    assert np.isnan(frames(document, "bass")).all()
+    for source in ("drums", "other", "vocals"):  # scored (museval's rule may still NaN a window)
+        assert np.isfinite(frames(document, source)).any()
+    results = json.loads((out / "results.json").read_text())
+    assert results["scores"]["bass"]["SDR"] != results["scores"]["bass"]["SDR"]  # NaN: no song to score it
+    assert np.isfinite(results["scores"]["drums"]["SDR"])
+
+
+@pytest.mark.slow
+def test_museval_scorer_leaves_the_silent_stem_out_like_the_torch_scorer(silent_bass_root, tmp_path):
+    import museval
+
+    from demucs_dist.data.songs import open_tracks, read_song
+
+    song = read_song(open_tracks(silent_bass_root, True, "test")[0])
+    with pytest.raises(ValueError, match="silent"):  # museval's own rule: the whole song refused
+        museval.metrics.validate(song.sources.transpose(0, 2, 1), song.sources.transpose(0, 2, 1))
+
+    torch_out, museval_out = tmp_path / "torch", tmp_path / "museval"
+    result = evaluate_process(baseline_args(silent_bass_root, torch_out))
+    assert result.returncode == 0, output(result)
+    result = evaluate_process([*baseline_args(silent_bass_root, museval_out), "--scorer", "museval", "--workers", "1"])
+    assert result.returncode == 0, output(result)
+    assert (museval_out / "results.md").is_file()
+    by_torch, by_museval = song_document(torch_out, silent_bass_root), song_document(museval_out, silent_bass_root)
+    assert (
+        by_museval["demucs_dist"]["left_out"]
+        == by_torch["demucs_dist"]["left_out"]
+        == {"bass": "reference silent throughout"}
+    )
+    for source in ("drums", "bass", "other", "vocals"):
+        for metric in ("SDR", "SIR", "ISR", "SAR"):
+            # as in test_evaluate: the same frames NaN, the rest within 0.01 dB (float rounding of ~150 dB ISRs)
+            a, b = frames(by_museval, source, metric), frames(by_torch, source, metric)
+            np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+            np.testing.assert_allclose(a, b, atol=0.01, equal_nan=True)
+
+
+@pytest.fixture(scope="module")
+def two_datasets(tmp_path_factory) -> tuple[Path, Path]:
+    """Two wav roots with the same song names and different audio (MUSDB18 vs MUSDB18-HQ, say)."""
+    from demucs_dist.data.synth import synthesize
+
+    base = tmp_path_factory.mktemp("datasets")
+    first = synthesize(base / "first", train=0, valid=0, test=1, seconds=2.0, seed=0)
+    second = synthesize(base / "second", train=0, valid=0, test=1, seconds=2.0, seed=1)
+    assert song_folder(first).name == song_folder(second).name
+    return first, second
+
+
+def test_evaluate_refuses_to_report_another_datasets_scores(two_datasets, tmp_path):
+    from demucs_dist.evaluate import main as evaluate_main
+
+    first, second = two_datasets
+    out = tmp_path / "eval"
+    evaluate_main(baseline_args(first, out))
+    scores = (out / "results.json").read_text()
+    with pytest.raises(UserError, match=r"other settings \(dataset: .*first.* -> .*second"):
+        evaluate_main(baseline_args(second, out))
+
+    # The same root, one song's audio changed in place (same size): refused, not reused.
+    copy = Path(shutil.copytree(first, tmp_path / "copy"))
+    out = tmp_path / "eval_copy"
+    evaluate_main(baseline_args(copy, out))
+    vocals = song_folder(copy) / "vocals.wav"
+    audio, _ = soundfile.read(vocals, dtype="int16", always_2d=True)
+    soundfile.write(vocals, audio // 2, SAMPLERATE, subtype="PCM_16")
+    with pytest.raises(UserError, match=f"audio of 1 song.*changed.*{song_folder(copy).name}"):
+        evaluate_main(baseline_args(copy, out))
+    assert (tmp_path / "eval" / "results.json").read_text() == scores  # nothing overwritten
+
+
+def test_evaluate_says_what_is_wrong_with_its_out_folder(two_datasets, tmp_path):
+    first, _ = two_datasets
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "run.json").write_text('{"model_sha256": "abc", trailing garbage')
+    line = one_error_line(evaluate_process(baseline_args(first, out)))
+    assert str(out / "run.json") in line and "not a run.json written by demucs-dist" in line
+
+    file_out = tmp_path / "a_file"
+    file_out.write_text("not a folder")
+    line = one_error_line(evaluate_process(baseline_args(first, file_out)))
+    assert f"--out {file_out} is a file, not a folder" in line
