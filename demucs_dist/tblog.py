@@ -14,7 +14,14 @@ import torch
 from . import SOURCES
 
 # Scalars the HParams tab shows next to each run's configuration (absent ones stay empty).
-HPARAM_METRICS = ("valid/best", "valid/loss", "epoch/train_loss", "evaluate/SDR/All", "train/examples_per_s")
+HPARAM_METRICS = (
+    "valid/best",
+    "valid/loss",
+    "valid/SDR/All",
+    "epoch/train_loss",
+    "evaluate/SDR/All",
+    "train/examples_per_s",
+)
 
 
 def mono(audio: torch.Tensor) -> torch.Tensor:

@@ -24,11 +24,12 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from torch.utils.checkpoint import checkpoint
 
 from . import SOURCES
 from .apply import apply_model, loss_function
+from .bss import nanmedian, song_median_sdr
 from .checkpoint import Checkpoints, Progress, RunLock, weights_are_finite
 from .config import ModelConfig, option, parse
 from .data.augment import AugmentConfig, augment_step, step_generator
@@ -93,6 +94,11 @@ class TrainConfig:
     )
     timeout: float = option(600.0, "seconds a process waits for the others before the whole job fails", minimum=1)
     log_audio: bool = option(True, "log audio and a spectrogram of one validation song to TensorBoard")
+    valid_sdr: bool = option(
+        True,
+        "score the validation songs at each validation with museval's SDR (bss_eval v4 in torch, on the device): "
+        "valid/SDR/<source> in TensorBoard; best.th is still chosen by the loss, as in the paper",
+    )
     log_every: int = option(
         10, "write training scalars every N steps (the device is read then, not every step)", minimum=1
     )
@@ -149,8 +155,8 @@ def train(
         while run.progress.epoch < cfg.epochs:
             started = time.perf_counter()
             train_loss = train_one_epoch(run)
-            valid = validate_all(run) if validation_due(run) else {}
-            end_epoch(run, train_loss, valid, time.perf_counter() - started)
+            valid, sdr = validate_all(run) if validation_due(run) else ({}, {})
+            end_epoch(run, train_loss, valid, sdr, time.perf_counter() - started)
         run.accelerator.wait_for_everyone()
     finally:
         finish_run(run)
@@ -367,19 +373,23 @@ def validation_due(run: Run) -> bool:
     return epoch % run.cfg.valid_every == 0 or epoch == run.cfg.epochs
 
 
-def validate_all(run: Run) -> dict[str, float]:
-    """The validation loss of the raw weights ("raw") and of each weight average (--ema)."""
-    losses = {"raw": validate(run, log_audio=run.cfg.log_audio)}
+def validate_all(run: Run) -> tuple[dict[str, float], dict[str, float]]:
+    """The validation loss of the raw weights ("raw") and of each weight average (--ema), and the
+    raw weights' median SDR per source and "All" (empty with --no-valid-sdr)."""
+    loss, sdr = validate(run, log_audio=run.cfg.log_audio, score=run.cfg.valid_sdr)
+    losses = {"raw": loss}
     if run.ema is not None:
         for name in run.ema.shadows:
             with run.ema.swapped_in(run.bare_model, name):
-                losses[name] = validate(run, log_audio=False)
-    return losses
+                losses[name], _ = validate(run, log_audio=False)
+    return losses, sdr
 
 
 @torch.no_grad()
-def validate(run: Run, log_audio: bool = False) -> float:
-    """Mean over all validation songs of the per-song loss, in fp32, songs split across ranks.
+def validate(run: Run, log_audio: bool = False, score: bool = False) -> tuple[float, dict[str, float]]:
+    """Mean over all validation songs of the per-song loss, in fp32, songs split across ranks;
+    with `score`, also the SDR per source (museval's median over 1 s windows per song, then the
+    median over songs, NaN songs left out; "All": the mean of the sources), else {}.
 
     The 2019 protocol: each song whole in one pass, no shifts, no autocast (accelerate's autocast
     wrapper was taken off the model in `prepare_model`), so the loss that picks best.th is the
@@ -389,6 +399,7 @@ def validate(run: Run, log_audio: bool = False) -> float:
     model.eval()
     criterion = loss_function(cfg.loss)
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)  # sum of song losses, songs
+    song_sdrs = []  # (sources,) per song of this rank
     rank, world = accelerator.process_index, accelerator.num_processes
     for index, song in enumerate(valid_songs(cfg.shards, run.manifest, rank=rank, world_size=world)):
         # The 2019 code's bound on a validation song's length (~340 s): a predictable peak memory.
@@ -397,17 +408,28 @@ def validate(run: Run, log_audio: bool = False) -> float:
         split = cfg.valid_segment > 0
         estimates = apply_model(model, mix, shifts=0, split=split, segment=cfg.valid_segment or 1.0, overlap=0.25)
         total += torch.stack([criterion(estimates, sources).double(), torch.ones((), device=total.device)])
+        if score:  # on the song's own scale (undo the z-scoring): what evaluate would score
+            song_sdrs.append(song_median_sdr(sources * song.std + song.mean, estimates * song.std + song.mean).cpu())
         if run.writer is not None and index == 0 and log_audio and bool(torch.isfinite(estimates).all()):
             log_separation(run.writer, song, estimates, run.progress.step)
     total = accelerator.reduce(total, reduction="sum")
     model.train()
     if total[1] == 0:
         raise UserError("the shards hold no validation songs")
-    return (total[0] / total[1]).item()
+    sdr = median_sdr(gather_object(song_sdrs)) if score else {}
+    return (total[0] / total[1]).item(), sdr
 
 
-def end_epoch(run: Run, train_loss: float, valid: dict[str, float], seconds: float) -> None:
-    """Count the epoch, keep the best model (raw or averaged weights), checkpoint, report the epoch."""
+def median_sdr(song_sdrs: list[torch.Tensor]) -> dict[str, float]:
+    """{source: median over songs, "All": mean of the sources} of per-song (sources,) SDRs: the
+    aggregation of museval's EvalStore (and of `evaluate`'s tables)."""
+    per_source = nanmedian(torch.stack(song_sdrs).T)
+    return {**dict(zip(SOURCES, per_source.tolist())), "All": per_source.mean().item()}
+
+
+def end_epoch(run: Run, train_loss: float, valid: dict[str, float], sdr: dict[str, float], seconds: float) -> None:
+    """Count the epoch, keep the best model (raw or averaged weights, by loss), checkpoint, report
+    the epoch. valid: the validation loss per weights; sdr: the raw weights' SDR ({} if not scored)."""
     progress, accelerator = run.progress, run.accelerator
     progress.epoch, progress.examples = progress.epoch + 1, 0
     best_name = min(valid, key=valid.__getitem__) if valid else None
@@ -429,6 +451,8 @@ def end_epoch(run: Run, train_loss: float, valid: dict[str, float], seconds: flo
             run.writer.add_scalar("valid/loss" if name == "raw" else f"valid/loss_{name}", loss, progress.step)
         if valid:
             run.writer.add_scalar("valid/best", progress.best_valid, progress.step)
+        for source, value in sdr.items():
+            run.writer.add_scalar(f"valid/SDR/{source}", value, progress.step)
         run.writer.flush()
     valid_text = " ".join(f"{loss:.4f}" if name == "raw" else f"{name} {loss:.4f}" for name, loss in valid.items())
     best_text = "-"
@@ -438,7 +462,8 @@ def end_epoch(run: Run, train_loss: float, valid: dict[str, float], seconds: flo
     speed = run.steps_per_epoch * run.cfg.global_batch / seconds
     run.say(
         f"epoch {progress.epoch}/{run.cfg.epochs} | train {train_loss:.4f} | valid {valid_text or '-'} | "
-        f"best {best_text} | {speed:.1f} examples/s | {seconds:.1f} s"
+        + (f"SDR {sdr['All']:.2f} dB | " if sdr else "")
+        + f"best {best_text} | {speed:.1f} examples/s | {seconds:.1f} s"
     )
 
 

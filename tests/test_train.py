@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import TINY, cpu_env, launch_command, run, scalars
 
+from demucs_dist import SOURCES
+from demucs_dist.apply import apply_model
+from demucs_dist.bss import song_median_sdr
 from demucs_dist.data.loader import valid_songs
 from demucs_dist.data.manifest import examples_per_epoch, read_manifest
 from demucs_dist.model import center_trim
@@ -27,6 +31,7 @@ SCALARS = [
     "train/peak_memory_gb",
     "valid/loss",
     "valid/best",
+    *[f"valid/SDR/{source}" for source in ("All", "drums", "bass", "other", "vocals")],  # songs on both ranks
 ]
 
 
@@ -153,6 +158,35 @@ def test_bf16_training_validates_in_fp32(synth_shards, tmp_path):
         losses.append(F.l1_loss(center_trim(estimates, length), song.sources).double())
     reference = torch.stack(losses).mean().float()
     assert torch.tensor(scalars(tmp_path, "valid/loss")[-1][1]) == reference  # TensorBoard stores float32
+
+
+def test_validation_reports_the_median_sdr_of_the_songs(synth_shards, tmp_path):
+    """valid/SDR/<source>: per song museval's median SDR over 1 s windows (bss.song_median_sdr,
+    itself checked against museval in test_bss) on the song's own scale, then the median over
+    songs; "All" the mean of the sources. Recomputed here from last.th, by hand."""
+    result = run(single_step_command(synth_shards, tmp_path), cpu_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = load_model(tmp_path / "last.th")
+    per_song = []
+    for song in valid_songs(str(synth_shards), read_manifest(str(synth_shards)), rank=0, world_size=1):
+        with torch.no_grad():
+            estimates = apply_model(model, song.mix, shifts=0, split=False)
+        denormalized = [x * song.std + song.mean for x in (song.sources, estimates)]
+        per_song.append(song_median_sdr(*denormalized).numpy())
+    assert len(per_song) == 2
+    expected = np.median(np.stack(per_song), axis=0)  # no NaN song here
+    for source, value in zip(SOURCES, expected):
+        assert scalars(tmp_path, f"valid/SDR/{source}")[-1][1] == pytest.approx(value, abs=1e-4)
+    assert scalars(tmp_path, "valid/SDR/All")[-1][1] == pytest.approx(expected.mean(), abs=1e-4)
+    assert "SDR " in result.stdout  # the epoch line
+
+    off = tmp_path / "off"
+    result = run(single_step_command(synth_shards, off, "--no-valid-sdr"), cpu_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(off)).Reload().Tags()["scalars"]
+    assert "valid/loss" in tags and not [tag for tag in tags if tag.startswith("valid/SDR")]
 
 
 def test_compiled_model_exports_a_loadable_model_file(synth_shards, tmp_path):
