@@ -18,7 +18,7 @@
 3. musdb path: the same kind of example read the way a musdb-based loader does, per example:
    set chunk_start/chunk_duration and read each source's `.audio`, then z-score, shift and crop.
 4. Bytes: the train shards against the raw 16-bit audio of the four stems of the training songs
-   (the unit of SPEC.md's storage arithmetic), and what the paper's chunking would write (plan only).
+   (the unit of docs/benchmarks.md's storage arithmetic), and what the paper's chunking would write (plan only).
 Prints a markdown section (for docs/benchmarks.md).
 """
 

@@ -12,10 +12,10 @@ import zlib
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from .data.songs import song_statistics
 from .model import Demucs
+from .progress import progress_bar
 
 
 def normalize(mix: torch.Tensor) -> tuple[torch.Tensor, float, float]:
@@ -146,7 +146,9 @@ def apply_model(
     pieces = [(v, s) for v in range(len(views)) for s in starts]
     out = torch.zeros(model.sources, channels, length, device=mix.device)
     batches = range(0, len(pieces), batch_size)
-    for first in tqdm(batches, desc="separating", leave=False, disable=not progress):
+    bar = progress_bar(len(batches), "separating", "batch", disable=not progress)
+    for first in batches:
+        bar.update()
         batch = pieces[first : first + batch_size]
         inputs = torch.stack([_window(views[v], s - pad_left, input_length) for v, s in batch])
         with torch.no_grad():
@@ -159,6 +161,7 @@ def apply_model(
                 continue
             part = y[..., lo - s : hi - s] * (weights[lo - s : hi - s] / total_weight[lo:hi])
             out[..., lo + song_offset[v] : hi + song_offset[v]] += part
+    bar.close()
     return out / len(view_starts)
 
 

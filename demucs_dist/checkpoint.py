@@ -19,16 +19,12 @@ would fail ("None is covering the entire storage") on every resume.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import math
-import os
 import re
 import shutil
-import socket
 import time
 from pathlib import Path
-from typing import IO
 
 import torch
 from accelerate import Accelerator
@@ -37,6 +33,7 @@ from accelerate.utils import broadcast_object_list
 from .ema import EMA
 from .errors import UserError
 from .faults import Faults
+from .modelfile import all_finite
 
 PREFIX = "step-"
 PARTIAL_PREFIX = ".partial-"
@@ -65,44 +62,8 @@ class Progress:
 
 
 def weights_are_finite(model: torch.nn.Module) -> bool:
-    """One check for checkpoints and model files: no NaN or infinite parameter (one host sync)."""
-    flags = [torch.isfinite(p).all() for p in model.parameters()]
-    return bool(torch.stack(flags).all()) if flags else True
-
-
-class RunLock:
-    """An exclusive lock on a run folder, so that two trainings never write one folder.
-
-    flock on `<run>/.lock`, released by the kernel when the process dies, so a killed run never
-    leaves a stale lock; the file names the holder for the error the second run prints.
-    """
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / ".lock"
-        self._file: IO[str] | None = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise UserError(
-                f"{self.path.parent} is in use by a running training ({holder}); use another --logdir"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
-        self._file = handle
-
-    def release(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+    """No NaN or infinite parameter: checked before a checkpoint or a model file is written."""
+    return all_finite(model.parameters())
 
 
 class Checkpoints:

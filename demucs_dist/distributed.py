@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
+from . import available_cpus
 from .errors import UserError
 
 
@@ -171,5 +172,4 @@ def processes_on_this_node(accelerator) -> int:
 
 
 def cpus_per_process(processes_on_node: int) -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // max(1, processes_on_node))
+    return max(1, available_cpus() // max(1, processes_on_node))

@@ -35,22 +35,22 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import SOURCES
 from .apply import apply_model, loss_function, normalize, song_seed
 from .audio import write_wav
 from .config import ApplyConfig, option, parse
 from .errors import UserError, run_main
-from .files import atomic_path, sha256_of
+from .files import FolderLock, atomic_path, holds_only_locks, sha256_of
 from .model import Demucs
 from .modelfile import read_model_file
+from .progress import progress_bar
 from .scoring import (
     SCORERS,
     DeviceScorer,
@@ -95,12 +95,20 @@ class EvaluateConfig:
         choices=SCORERS,
     )
     workers: int = option(
-        0, "museval worker processes per rank with --scorer museval (0 = the rank's cores minus one, ~4 GB each)"
+        0,
+        "museval worker processes per rank with --scorer museval (0 = the rank's cores minus one, ~4 GB each)",
+        minimum=0,
+    )
+    read_ahead: int = option(
+        4,
+        "songs each rank decodes ahead, in parallel, while it infers (~0.4 GB each for a 4-minute song; "
+        "decoding .stem.mp4 costs about as much as inference on a GPU); 0 = read each song when needed",
+        minimum=0,
     )
     save_estimates: bool = option(False, "also write the separated stems as wav under <out>/estimates/")
     logdir: str = option("", "also write the scores to TensorBoard in this folder")
     compare: list[str] = option([], "results.json of other runs (e.g. a --baseline run) to add as SDR rows")
-    timeout: float = option(7200.0, "seconds a rank waits for the others at a synchronisation point")
+    timeout: float = option(7200.0, "seconds a rank waits for the others at a synchronisation point", minimum=1)
     progress: bool = option(True, "progress bars (one per rank for inference and one for scoring)")
 
 
@@ -158,11 +166,17 @@ def check_config(config: EvaluateConfig) -> None:
 
 
 def check_out(out: str | os.PathLike) -> None:
-    """UserError (one line) for an `--out` that is a file or a folder this process cannot write,
-    found before any song is inferred rather than when the first score is written."""
+    """UserError (one line) for an `--out` that is a file, a folder this process cannot write, or
+    a non-empty folder of another program's (no run.json of ours: scores are never written, nor
+    .scratch deleted, there), found before any song is inferred."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
+    if path.is_dir() and not holds_only_locks(path) and not (path / "run.json").is_file():
+        raise UserError(
+            f"--out {out} is not empty and holds no scores of demucs-dist (no run.json): "
+            "refusing to write into it; choose a new or empty folder"
+        )
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: cannot write in {existing} (read-only?)")
@@ -297,24 +311,24 @@ def infer_and_score(
     apply_config: ApplyConfig,
     model: Demucs | None,
     tracks: Mapping,
-    names: Iterable[str],
+    names: Sequence[str],
     scorer: DeviceScorer | ScoringPool,
     label: str,
     device: torch.device,
+    bar: Any = None,
 ) -> tuple[list[str], dict[str, str]]:
-    """Infer each of this rank's songs and hand it to `scorer`. Returns (inferred, failures)."""
-    from .data.songs import read_song
+    """Infer each of this rank's songs (decoded `--read-ahead` songs ahead) and hand it to
+    `scorer`, counting each on the progress `bar`. Returns (inferred, failures)."""
+    from .data.songs import read_songs_ahead
 
     out = Path(config.out)
     inferred, failures = [], {}
-    for name in names:
+    for name, song in read_songs_ahead(tracks, names, config.read_ahead):
+        if bar is not None:
+            bar.update()
         json_path = song_json_path(out, config.subset, name)
-        if json_path.is_file():  # scored meanwhile by another run on the same folder
-            continue
-        try:
-            song = read_song(tracks[name])
-        except UserError as exc:  # one unreadable song must not stall the other ranks
-            failures[name] = str(exc)
+        if isinstance(song, UserError):  # one unreadable song must not stall the other ranks
+            failures[name] = str(song)
             continue
         seed = song_seed(config.seed, name)
         tic = time.perf_counter()
@@ -343,10 +357,7 @@ def evaluate(config: EvaluateConfig, apply_config: ApplyConfig) -> dict | None:
     With --scorer museval, the workers start the way multiprocessing's forkserver does: they re-run
     the main module, so a script that calls this must do so under `if __name__ == "__main__":`.
     """
-    from accelerate.utils import broadcast_object_list, gather_object
-
-    from .distributed import balance, make_accelerator, processes_on_this_node
-    from .modelfile import load_model
+    from .distributed import make_accelerator
 
     started = time.time()
     check_config(config)
@@ -355,8 +366,32 @@ def evaluate(config: EvaluateConfig, apply_config: ApplyConfig) -> dict | None:
     identity = check_run_file(out, run_identity(config, apply_config, tracks))
 
     accelerator = make_accelerator(mixed_precision="no", timeout_s=config.timeout)
+    lock = FolderLock(out, "evaluation", "--out")
+    try:
+        return evaluate_locked(config, apply_config, tracks, identity, accelerator, lock, started)
+    finally:
+        lock.release()
+
+
+def evaluate_locked(
+    config: EvaluateConfig,
+    apply_config: ApplyConfig,
+    tracks: Mapping,
+    identity: Mapping,
+    accelerator: Any,
+    lock: FolderLock,
+    started: float,
+) -> dict | None:
+    """`evaluate` from the point where rank 0 takes the folder's lock (held until the end)."""
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    from .distributed import balance, processes_on_this_node
+    from .modelfile import load_model
+
+    out = Path(config.out)
     rank, world = accelerator.process_index, accelerator.num_processes
     if accelerator.is_main_process:
+        lock.acquire()  # a second evaluation into this --out stops here, naming this one
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / "run.json") as tmp:
             tmp.write_text(json.dumps(identity, indent=2))
@@ -376,10 +411,10 @@ def evaluate(config: EvaluateConfig, apply_config: ApplyConfig) -> dict | None:
         model = load_model(config.model).to(device)
     label = config.label or (Path(config.model).stem if config.model else f"{config.baseline} baseline")
 
-    bar = tqdm(mine, desc=f"rank {rank} inference", unit="song", position=rank, disable=not config.progress)
+    bar = progress_bar(len(mine), f"rank {rank} inference", "song", position=rank, disable=not config.progress)
     scorer = make_scorer(config, device, node_processes, out, position=world + rank, desc=f"rank {rank} scoring")
     with scorer:
-        inferred, failures = infer_and_score(config, apply_config, model, tracks, bar, scorer, label, device)
+        inferred, failures = infer_and_score(config, apply_config, model, tracks, mine, scorer, label, device, bar)
     failures.update(scorer.failures)
     bar.close()
 

@@ -1,12 +1,20 @@
-"""Small file helpers: write so that a crash never leaves a half-written file behind."""
+"""Small file helpers: write so that a crash never leaves a half-written file behind; lock a folder
+so that two runs never write it at once."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
+
+from .errors import UserError
+
+LOCK_NAME = ".lock"  # in every folder a run writes (train --logdir, shard/evaluate/score --out)
 
 
 @contextlib.contextmanager
@@ -36,3 +44,52 @@ def sha256_of(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class FolderLock:
+    """An exclusive lock on a folder a run writes, so that two runs never write one folder.
+
+    flock on `<folder>/.lock`, released by the kernel when the process dies, so a killed run never
+    leaves a stale lock; the file names the holder (pid and host) for the line the second run
+    prints. `what` names the run ("training"), `option` the option to change ("--logdir").
+    """
+
+    def __init__(self, folder: str | os.PathLike, what: str, option: str):
+        self.path = Path(folder) / LOCK_NAME
+        self.what, self.option = what, option
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> FolderLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(
+                f"{self.path.parent} is in use by a running {self.what} ({holder}); use another {self.option}"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self._file = handle
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *_) -> None:
+        self.release()
+
+
+def holds_only_locks(folder: str | os.PathLike) -> bool:
+    """Whether a folder is empty but for a lock file (a run killed before it wrote anything)."""
+    return all(path.name == LOCK_NAME for path in Path(folder).iterdir())

@@ -1,15 +1,19 @@
 """Demucs v1 (Défossez et al., 2019): a waveform U-Net with a BLSTM at its bottleneck.
 
-Only the network lives here: no file I/O, no song normalisation (see `apply.py`), and no import
-from the rest of the project.
+Only the network lives here: no file I/O, no song normalisation (see `apply.py`); from the rest
+of the project it imports only its hyper-parameters' declaration (`config.ModelConfig`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import torch
 from torch import nn
+
+from .config import ModelConfig
 
 
 def center_trim(tensor: torch.Tensor, reference: torch.Tensor | int) -> torch.Tensor:
@@ -76,46 +80,22 @@ class Demucs(nn.Module):
     the output to the wanted length, as `apply.py` does.
     """
 
-    def __init__(
-        self,
-        sources: int = 4,
-        audio_channels: int = 2,
-        channels: int = 64,
-        depth: int = 6,
-        rewrite: bool = True,
-        glu: bool = True,
-        rescale: float = 0.1,
-        kernel_size: int = 8,
-        stride: int = 4,
-        growth: float = 2.0,
-        lstm_layers: int = 2,
-        context: int = 3,
-        samplerate: int = 44100,
-    ):
+    def __init__(self, **hyperparameters: Any):
+        """hyperparameters: fields of `config.ModelConfig`, where the defaults (the paper's, but
+        channels 64) are declared once; unknown names are a TypeError."""
         super().__init__()
+        config = ModelConfig(**hyperparameters)
         # Kept so that a saved model file can rebuild this exact network.
-        self.kwargs = dict(
-            sources=sources,
-            audio_channels=audio_channels,
-            channels=channels,
-            depth=depth,
-            rewrite=rewrite,
-            glu=glu,
-            rescale=rescale,
-            kernel_size=kernel_size,
-            stride=stride,
-            growth=growth,
-            lstm_layers=lstm_layers,
-            context=context,
-            samplerate=samplerate,
-        )
+        self.kwargs = dataclasses.asdict(config)
+        sources, audio_channels, channels, depth = config.sources, config.audio_channels, config.channels, config.depth
+        kernel_size, stride, context, glu = config.kernel_size, config.stride, config.context, config.glu
         self.sources = sources
         self.audio_channels = audio_channels
         self.depth = depth
         self.kernel_size = kernel_size
         self.stride = stride
         self.context = context
-        self.samplerate = samplerate
+        self.samplerate = config.samplerate
 
         def activation() -> nn.Module:
             return nn.GLU(dim=1) if glu else nn.ReLU()
@@ -126,28 +106,28 @@ class Demucs(nn.Module):
         in_channels, width = audio_channels, channels
         for index in range(depth):
             encode = [nn.Conv1d(in_channels, width, kernel_size, stride), nn.ReLU()]
-            if rewrite:
+            if config.rewrite:
                 encode += [nn.Conv1d(width, widen * width, 1), activation()]
             self.encoder.append(nn.Sequential(*encode))
 
             outermost = index == 0
             out_channels = sources * audio_channels if outermost else in_channels
             decode = []
-            if rewrite:
+            if config.rewrite:
                 decode += [nn.Conv1d(width, widen * width, context), activation()]
             decode += [nn.ConvTranspose1d(width, out_channels, kernel_size, stride)]
             if not outermost:
                 decode.append(nn.ReLU())
             self.decoder.insert(0, nn.Sequential(*decode))  # decoder runs deepest first
 
-            in_channels, width = width, int(growth * width)
+            in_channels, width = width, int(config.growth * width)
 
-        self.lstm = BLSTM(in_channels, lstm_layers) if lstm_layers else None
+        self.lstm = BLSTM(in_channels, config.lstm_layers) if config.lstm_layers else None
 
-        if rescale:
+        if config.rescale:
             for module in self.modules():
                 if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)):
-                    rescale_conv(module, rescale)
+                    rescale_conv(module, config.rescale)
 
     def valid_length(self, length: int) -> int:
         """Smallest input length >= `length` for which every convolution fits exactly.

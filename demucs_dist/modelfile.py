@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -17,6 +18,13 @@ from .model import Demucs
 
 FORMAT = "demucs_dist.model"
 FORMAT_VERSION = 1
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """No NaN or infinite value in any floating-point tensor (one host sync): the one check of
+    weights, for model files read here and for what checkpoints and exports write."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def save_model(model: Demucs, path: str | os.PathLike, **info: Any) -> None:
@@ -57,7 +65,7 @@ def read_model_file(path: str | os.PathLike) -> dict:
 def load_model(path: str | os.PathLike) -> Demucs:
     """Rebuild the model saved by `save_model`, on CPU, in eval mode."""
     package = read_model_file(path)
-    if not all(torch.isfinite(t).all() for t in package["state"].values() if t.is_floating_point()):
+    if not all_finite(package["state"].values()):
         raise UserError(f"{path} holds non-finite (NaN or infinite) weights: it cannot separate anything")
     try:
         model = Demucs(**package["kwargs"])

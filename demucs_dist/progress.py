@@ -56,6 +56,9 @@ class LineProgress:
             self.last_line = now
             self._write()
 
+    def refresh(self) -> None:  # tqdm's redraw after `total` changed: the next line shows it
+        pass
+
     def set_postfix(self, **values: Any) -> None:
         self.postfix = " | ".join(f"{key.replace('_', ' ')} {value}" for key, value in values.items())
 

@@ -30,13 +30,13 @@ from typing import Any
 import numpy as np
 import soundfile
 import torch
-from tqdm import tqdm
 
 from . import SOURCES
 from .config import option, parse
 from .errors import UserError, run_main
 from .evaluate import check_out, check_run_file, dataset_identity, select_tracks
-from .files import atomic_path
+from .files import FolderLock, atomic_path
+from .progress import progress_bar
 from .scoring import (
     SCORERS,
     DeviceScorer,
@@ -67,8 +67,12 @@ class ScoreConfig:
         "torch", "torch: bss_eval v4 in torch (museval's numbers, fast); museval: museval itself", choices=SCORERS
     )
     device: str = option("auto", "where --scorer torch runs: auto (a GPU if there is one, else the CPU), cpu, cuda:N")
-    threads: int = option(0, "CPU threads for --scorer torch on the CPU (0 = every core this process may use)")
-    workers: int = option(0, "museval worker processes with --scorer museval (0 = the cores minus one, ~4 GB each)")
+    threads: int = option(
+        0, "CPU threads for --scorer torch on the CPU (0 = every core this process may use)", minimum=0
+    )
+    workers: int = option(
+        0, "museval worker processes with --scorer museval (0 = the cores minus one, ~4 GB each)", minimum=0
+    )
     compare: list[str] = option([], "results.json of other runs (e.g. an evaluate run) to add as SDR rows")
     progress: bool = option(True, "progress bar")
 
@@ -170,7 +174,6 @@ def run_identity(config: ScoreConfig, tracks: Mapping) -> dict:
 
 def score(config: ScoreConfig) -> dict:
     """Score every selected song not scored yet, then aggregate all of them. Returns the results."""
-    from .data.songs import read_song
 
     started = time.time()
     check_config(config)
@@ -178,14 +181,24 @@ def score(config: ScoreConfig) -> dict:
     check_estimates(config, list(tracks))
     out = Path(config.out)
     identity = check_run_file(out, run_identity(config, tracks))
-    out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out, "scoring", "--out"):
+        return score_locked(config, tracks, identity, started)
+
+
+def score_locked(config: ScoreConfig, tracks: Mapping, identity: Mapping, started: float) -> dict:
+    """`score` once the --out folder is locked (a second scoring into it stops, naming this one)."""
+    from .data.songs import read_song
+
+    out = Path(config.out)
     with atomic_path(out / "run.json") as tmp:
         tmp.write_text(json.dumps(identity, indent=2))
     label = config.label or Path(config.estimates).resolve().name
     todo = [name for name in tracks if not song_json_path(out, config.subset, name).is_file()]
     failures: dict[str, str] = {}
     with make_scorer(config, out) as scorer:
-        for name in tqdm(todo, desc="scoring", unit="song", disable=not config.progress):
+        bar = progress_bar(len(todo), "scoring", "song", disable=not config.progress)
+        for name in todo:
+            bar.update()
             try:
                 song = read_song(tracks[name])
                 estimates = read_estimates(config, name, *song.sources.shape[1:])

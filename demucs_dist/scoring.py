@@ -50,10 +50,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from . import SOURCES
+from . import SOURCES, available_cpus
 from .files import atomic_path
+from .progress import progress_bar
 
 METRICS = ("SDR", "SIR", "ISR", "SAR")  # the rows of the results table, in this order
 TABLE_COLUMNS = ("All", "vocals", "drums", "bass", "other")  # the report's column order
@@ -233,7 +233,7 @@ def default_workers(processes_on_node: int, cpus: int | None = None, memory_byte
     """museval workers per rank: the cores this rank has, minus one that feeds the device, and no
     more than fit in memory at ~4 GB each (a 4-minute song's museval peak)."""
     if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cpus = available_cpus()
     if memory_bytes is None:
         memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     by_cores = cpus // max(1, processes_on_node) - 1
@@ -300,7 +300,7 @@ class ScoringPool:
         self._lock = threading.Lock()  # the progress bar is updated from the pool's thread
         self.failures: dict[str, str] = {}
         self.scored: list[str] = []
-        self._bar = tqdm(total=0, desc=desc, unit="song", position=position, disable=not progress)
+        self._bar = progress_bar(0, desc, "song", position=position, disable=not progress)
 
     def submit(
         self,
@@ -390,7 +390,7 @@ class DeviceScorer:
         self.failures: dict[str, str] = {}
         self.scored: list[str] = []
         self.seconds = 0.0  # spent scoring, all songs
-        self._bar = tqdm(total=0, desc=desc, unit="song", position=position, disable=not progress)
+        self._bar = progress_bar(0, desc, "song", position=position, disable=not progress)
 
     def submit(
         self,

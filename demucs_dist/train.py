@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from . import SOURCES
 from .apply import apply_model, loss_function
 from .bss import nanmedian, song_median_sdr
-from .checkpoint import Checkpoints, Progress, RunLock, weights_are_finite
+from .checkpoint import Checkpoints, Progress, weights_are_finite
 from .config import ModelConfig, option, parse
 from .data.augment import AugmentConfig, augment_step, step_generator
 from .data.loader import LoaderConfig, TrainBatch, train_batches, valid_songs
@@ -39,7 +39,7 @@ from .distributed import make_accelerator
 from .ema import EMA
 from .errors import UserError, run_main
 from .faults import Faults
-from .files import atomic_path
+from .files import FolderLock, atomic_path, holds_only_locks
 from .model import Demucs, center_trim
 from .modelfile import save_model
 from .progress import progress_bar
@@ -131,7 +131,7 @@ class Run:
     progress: Progress
     run_dir: Path
     writer: Any  # TensorBoard SummaryWriter on rank 0, None elsewhere
-    lock: RunLock | None
+    lock: FolderLock | None
     faults: Faults | None
     layout: list[int]  # [world size, device batch, accumulation, workers, pool chunks]: what orders an epoch
     ema: EMA | None  # weight averages (--ema), the same on every rank
@@ -503,10 +503,15 @@ def start_run(model_cfg: ModelConfig, cfg: TrainConfig, augment: AugmentConfig, 
     steps_per_epoch = examples // cfg.global_batch
     if steps_per_epoch == 0:
         raise UserError(f"an epoch of {examples} examples is smaller than --global-batch {cfg.global_batch}")
-    if augment.remix and device_batch * accumulation < augment.remix_group:
+    per_step = device_batch * accumulation  # examples one process augments together
+    if augment.remix and per_step < augment.remix_group:
         accelerator.print(
-            f"note: a process's step holds {device_batch * accumulation} examples < Remix group "
-            f"{augment.remix_group}: sources are remixed within those {device_batch * accumulation}"
+            f"note: each process handles {per_step} example(s) per optimizer step, fewer than a Remix group "
+            f"({augment.remix_group}): sources are remixed among those {per_step} only, so each example mixes "
+            f"fewer songs than the paper's groups of {augment.remix_group}"
+            + (" (no Remix at all with 1)" if per_step == 1 else "")
+            + f". For full groups, give each process {augment.remix_group} examples per step: a larger "
+            "--global-batch or fewer processes (the accumulation steps then make up the rest)"
         )
     accelerator.print(
         f"{world} process(es) on {accelerator.device.type}, mixed precision {accelerator.mixed_precision}: "
@@ -554,12 +559,13 @@ def start_run(model_cfg: ModelConfig, cfg: TrainConfig, augment: AugmentConfig, 
     )
 
 
-def prepare_run_dir(accelerator, run_dir, checkpoints, model_cfg, cfg, augment, loader_cfg) -> RunLock | None:
-    """Rank 0 locks the run folder, applies --restart, checks the model and writes config.json."""
+def prepare_run_dir(accelerator, run_dir, checkpoints, model_cfg, cfg, augment, loader_cfg) -> FolderLock | None:
+    """Rank 0 checks the folder is a run's (or new), locks it, applies --restart, checks the model
+    and writes config.json."""
     lock = None
     if accelerator.is_main_process:
-        lock = RunLock(run_dir)
-        lock.acquire()
+        check_run_dir(run_dir)
+        lock = FolderLock(run_dir, "training", "--logdir").acquire()
         if cfg.restart:
             checkpoints.clear()
         check_same_model(run_dir, model_cfg, checkpoints)
@@ -653,6 +659,18 @@ def run_config(model_cfg: ModelConfig, cfg: TrainConfig, augment: AugmentConfig,
         "augment": dataclasses.asdict(augment),
         "loader": dataclasses.asdict(loader),
     }
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """--logdir must be new, empty, or a run folder of ours (its config.json): --restart deletes
+    checkpoints there and a run writes into it. UserError (one line) otherwise."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--logdir {run_dir} is a file, not a folder")
+    if run_dir.is_dir() and not holds_only_locks(run_dir) and not (run_dir / "config.json").is_file():
+        raise UserError(
+            f"--logdir {run_dir} is not empty and holds no run of demucs-dist train (no config.json): "
+            "refusing to write into it; choose a new or empty folder"
+        )
 
 
 def check_same_model(run_dir: Path, model_cfg: ModelConfig, checkpoints: Checkpoints) -> None:

@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-# A Demucs small enough for a CPU test (a few thousand parameters) with 0.5 s examples.
-TINY_MODEL = ["--channels", "4", "--depth", "3", "--lstm-layers", "1"]
+# A Demucs small enough for a CPU test (a few thousand parameters) with 0.5 s examples: as
+# keyword arguments, as a model, and as the trainer's options.
+TINY_KWARGS = dict(channels=4, depth=3, lstm_layers=1)
+TINY_MODEL = [item for name, value in TINY_KWARGS.items() for item in (f"--{name.replace('_', '-')}", str(value))]
 TINY = [*TINY_MODEL, "--segment", "0.5", "--shift", "0.25"]
 # Shard options for tests: 0.5 s segments (+0.25 s shift) and ~2 chunks per shard, so the
 # 4 training songs give 8 shards: enough for 2 ranks x 2 workers.
@@ -67,3 +69,10 @@ def scalars(logdir: Path, tag: str) -> list[tuple[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     return [(e.step, e.value) for e in EventAccumulator(str(logdir)).Reload().Scalars(tag)]
+
+
+def tiny_model(**overrides):
+    """A freshly initialised tiny Demucs (TINY_KWARGS, with `overrides`)."""
+    from demucs_dist.model import Demucs
+
+    return Demucs(**{**TINY_KWARGS, **overrides})

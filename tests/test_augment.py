@@ -118,3 +118,37 @@ def test_the_generator_decides_the_draws():
     b = augment_step(sources, AugmentConfig(), torch.Generator().manual_seed(1))
     c = augment_step(sources, AugmentConfig(), torch.Generator().manual_seed(2))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("device_batch", [1, 2])
+def test_the_trainer_remixes_across_the_micro_batches_of_a_step(device_batch):
+    """train.step_inputs with a step of 4 examples in micro-batches of 1 or 2 (a large cluster's
+    case: 64 examples over 64 GPUs, accumulation 4): Remix groups of 4 take sources from other
+    micro-batches, each micro-batch keeps its size, and the mixture is the sum of its sources."""
+    from types import SimpleNamespace
+
+    from demucs_dist.train import step_inputs
+
+    crossed = 0
+    for step in range(5):
+        run = SimpleNamespace(
+            accelerator=SimpleNamespace(device=torch.device("cpu"), process_index=0),
+            cfg=SimpleNamespace(seed=0),
+            progress=SimpleNamespace(epoch=0, step=step),
+            augment=ONLY_REMIX,
+            device_batch=device_batch,
+        )
+        micro_batches = [
+            SimpleNamespace(sources=part, release=lambda: None) for part in labelled(4).split(device_batch)
+        ]
+        parts = list(step_inputs(run, micro_batches))  # type: ignore[arg-type]
+        assert [sources.shape[0] for _, sources in parts] == [device_batch] * (4 // device_batch)
+        for mixture, sources in parts:
+            assert torch.equal(mixture, sources.sum(1))
+        items, _, _, _ = where_from(torch.cat([sources for _, sources in parts]))
+        home = torch.arange(4)[:, None] // device_batch  # the micro-batch each output item is in
+        crossed += bool((items // device_batch != home).any())
+    # Each micro-batch on its own could never take sources from the others; with groups of 4 a step
+    # keeps every source inside its micro-batch by chance only (1 in 1296 for micro-batches of 2:
+    # step 0 here does).
+    assert crossed >= 4

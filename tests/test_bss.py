@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import stempeg
 import torch
+from helpers import tiny_model
 
 from demucs_dist import SOURCES
 from demucs_dist.apply import apply_model, normalize
@@ -30,7 +31,7 @@ from demucs_dist.bss import (
     window_count,
 )
 from demucs_dist.errors import UserError
-from demucs_dist.model import Demucs, center_trim
+from demucs_dist.model import center_trim
 from demucs_dist.scoring import METRICS, frame_medians, score_song, score_song_torch
 
 RATE = 44100
@@ -238,7 +239,7 @@ def tiny_trained_model_estimates(sources: np.ndarray, mix: np.ndarray, steps: in
     """Estimates of a tiny Demucs (channels 4, depth 3) trained for `steps` Adam steps on 1 s crops
     of this very song, then run over the whole song as `evaluate` runs it."""
     torch.manual_seed(0)
-    model = Demucs(channels=4, depth=3, lstm_layers=1)
+    model = tiny_model()
     normalized, mean, std = normalize(torch.from_numpy(mix))
     targets = (torch.from_numpy(sources) - mean) / std
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import TINY, cpu_env, launch_command, output, run
+from helpers import TINY, cpu_env, launch_command, output, run, tiny_model
 
-from demucs_dist.checkpoint import Checkpoints, Progress, RunLock
+from demucs_dist.checkpoint import Checkpoints, Progress
 from demucs_dist.errors import UserError
+from demucs_dist.files import FolderLock
 from demucs_dist.model import Demucs
 
 FAST = ["--global-batch", "8", "--max-device-batch", "2", "--workers", "0", "--timeout", "30", "--no-log-audio"]
@@ -41,7 +42,7 @@ def flatten_lstm_like_cudnn(model: Demucs) -> None:
 def test_lstm_weights_sharing_one_storage_survive_save_and_load(tmp_path):
     """With accelerate's default (safetensors) this round trip raises in load_state."""
     torch.manual_seed(0)
-    model = Demucs(channels=4, depth=3, lstm_layers=2)
+    model = tiny_model(lstm_layers=2)
     flatten_lstm_like_cudnn(model)
     params = list(model.lstm.lstm.parameters())
     assert len({p.untyped_storage().data_ptr() for p in params}) == 1
@@ -102,8 +103,7 @@ def test_timed_checkpoints_and_last_th_only_at_checkpoints(synth_shards, tmp_pat
 
 
 def test_a_second_run_on_a_locked_folder_is_refused(synth_shards, tmp_path):
-    lock = RunLock(tmp_path)
-    lock.acquire()  # as a running training holds it
+    lock = FolderLock(tmp_path, "training", "--logdir").acquire()  # as a running training holds it
     try:
         result = train(synth_shards, tmp_path, "--epochs", "1")
     finally:

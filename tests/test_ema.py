@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, cpu_env, launch_command, output, run
+from helpers import TINY, cpu_env, launch_command, output, run, tiny_model
 
+from demucs_dist import SOURCES
 from demucs_dist.ema import EMA
-from demucs_dist.model import Demucs
 from demucs_dist.modelfile import load_model, read_model_file
 
 PROBE = Path(__file__).with_name("train_probe.py")
@@ -19,7 +19,7 @@ OPTIONS = ["--global-batch", "8", "--max-device-batch", "2", "--workers", "0", "
 
 
 def test_update_is_the_moving_average_and_swapping_restores_the_weights():
-    model = Demucs(channels=4, depth=2, lstm_layers=1)
+    model = tiny_model(depth=2)
     ema = EMA(model, [0.9])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -42,7 +42,7 @@ def probe(shards: Path, out: Path, logdir: Path, env: dict | None = None):
 
 
 @pytest.mark.slow
-def test_averages_resume_exactly_after_a_sigkill_on_every_rank(synth_shards, tmp_path):
+def test_averages_resume_exactly_after_a_sigkill_on_every_rank(synth_shards, synth_root, tmp_path):
     whole = probe(synth_shards, tmp_path / "whole", tmp_path / "run-whole")
     assert whole.returncode == 0, output(whole)
     killed = probe(synth_shards, tmp_path / "k", tmp_path / "run", env={"DEMUCS_DIST_FAULT_KILL": "1:3"})
@@ -62,3 +62,14 @@ def test_averages_resume_exactly_after_a_sigkill_on_every_rank(synth_shards, tmp
     assert read_model_file(best)["info"]["weights"] in {"raw", "ema0.5", "ema0.9"}
     assert "epoch 1/1" in resumed.stdout and "ema0.5" in resumed.stdout  # each average validated
     assert load_model(best).kwargs["channels"] == 4
+    # ... and it is what evaluate and separate take, whichever weights it holds.
+    from demucs_dist.evaluate import main as evaluate_main
+    from demucs_dist.separate import main as separate_main
+
+    evaluate_main(["--model", str(best), "--musdb", str(synth_root), "--is-wav", "--out", str(tmp_path / "eval"),
+                   "--shifts", "1", "--no-progress"])  # fmt: skip
+    assert (tmp_path / "eval" / "results.json").is_file()
+    (song,) = sorted((synth_root / "test").iterdir())
+    separate_main([str(song / "mixture.wav"), "--model", str(best), "--out", str(tmp_path / "sep"), "--shifts", "1",
+                   "--no-progress"])  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "sep" / "mixture").iterdir()) == [f"{s}.wav" for s in sorted(SOURCES)]

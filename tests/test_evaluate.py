@@ -18,6 +18,7 @@ import pytest
 import soundfile
 import stempeg
 import torch
+from helpers import tiny_model
 
 from demucs_dist import SOURCES
 from demucs_dist.apply import normalize, song_seed
@@ -26,7 +27,6 @@ from demucs_dist.data.synth import synthesize
 from demucs_dist.distributed import balance
 from demucs_dist.errors import UserError
 from demucs_dist.evaluate import baseline_scores, main
-from demucs_dist.model import Demucs
 from demucs_dist.modelfile import save_model
 from demucs_dist.scoring import METRICS, aggregate, read_events, read_song_json
 
@@ -35,15 +35,16 @@ CLIP = Path(stempeg.example_stem_path())
 SYNTH_SONGS = ["Synth Test 000", "Synth Test 001"]
 
 
-def run(args, processes=1, timeout=300):
-    """`python -m demucs_dist.evaluate ARGS`, or launch/evaluate.sh with NPROC processes."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "NPROC": str(processes)}
+def run(args, processes=1, timeout=300, full=False, **env_extra):
+    """`python -m demucs_dist.evaluate ARGS`, or launch/evaluate.sh with NPROC processes: its
+    stdout (`full`: the CompletedProcess)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "NPROC": str(processes), **env_extra}
     command = [sys.executable, "-m", "demucs_dist.evaluate"] if processes == 1 else ["bash", "launch/evaluate.sh"]
     result = subprocess.run(
         command + [str(a) for a in args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    return result if full else result.stdout
 
 
 def table_numbers(stdout):
@@ -60,7 +61,7 @@ def table_numbers(stdout):
 def model_file(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "tiny.th"
-    save_model(Demucs(channels=4, depth=3, lstm_layers=1), path)
+    save_model(tiny_model(), path)
     return path
 
 
@@ -83,8 +84,21 @@ def one_process(model_file, eval_root, tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_processes(model_file, eval_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("two") / "eval"
-    stdout = run(common_args(model_file, eval_root, out) + ["--workers", 1], processes=2)
-    return out, stdout
+    # progress on, a line per update: what a job log (not a terminal) gets
+    result = run(
+        common_args(model_file, eval_root, out) + ["--workers", 1], 2, full=True, DEMUCS_DIST_PROGRESS_SECONDS="0"
+    )
+    return out, result.stdout + result.stderr
+
+
+def test_job_log_has_plain_progress_lines_of_each_rank(two_processes):
+    _, log = two_processes
+    assert "\r" not in log
+    lines = log.splitlines()
+    for rank in (0, 1):
+        inference = [line for line in lines if line.startswith(f"rank {rank} inference: ")]
+        assert inference and "1/1 song" in inference[-1], lines
+        assert [line for line in lines if line.startswith(f"rank {rank} scoring: ")], lines
 
 
 def test_two_processes_give_the_same_per_song_scores(one_process, two_processes):
@@ -303,3 +317,47 @@ def test_bad_input_is_one_line_user_errors(model_file, clip_root, tmp_path):
     (tmp_path / "o" / "run.json").write_text(json.dumps({"baseline": "mixture", "subset": "test", "loss": "l1"}))
     with pytest.raises(UserError, match="other settings"):
         main(["--baseline", "mixture", *musdb, "--loss", "mse"])
+
+
+def test_default_inference_is_the_papers_protocol_computed_by_hand(model_file, eval_root):
+    """evaluate's defaults: 10 shifts of up to 0.5 s, each shifted song whole in one fp32 pass
+    (no overlap-add), averaged, on the song z-scored by its mixture and scaled back."""
+    import torch.nn.functional as F
+
+    from demucs_dist.apply import shift_offsets
+    from demucs_dist.config import ApplyConfig
+    from demucs_dist.evaluate import infer_song
+    from demucs_dist.model import center_trim
+    from demucs_dist.modelfile import load_model
+
+    model = load_model(model_file)
+    song = read_song(open_tracks(eval_root, True, "test")[0])
+    seed = song_seed(0, song.name)
+    estimates, _ = infer_song(model, song, ApplyConfig(), seed, "l1", torch.device("cpu"))
+
+    mix, mean, std = normalize(torch.from_numpy(song.mix))
+    length, max_shift = mix.shape[-1], model.samplerate // 2
+    offsets = shift_offsets(10, max_shift, seed)
+    padded = F.pad(mix, (max_shift, max_shift))
+    by_hand = torch.zeros(len(SOURCES), *mix.shape)
+    for offset in offsets:
+        view = padded[:, offset : offset + length + max_shift]
+        excess = model.valid_length(view.shape[-1]) - view.shape[-1]
+        with torch.no_grad():
+            whole = model(F.pad(view, (excess // 2, excess - excess // 2))[None])[0]
+        by_hand += center_trim(whole, view.shape[-1])[..., max_shift - offset : max_shift - offset + length]
+    by_hand = by_hand / len(offsets) * std + mean
+    assert len(offsets) == 10 and ApplyConfig().split is False
+    np.testing.assert_allclose(estimates, by_hand.numpy(), atol=1e-5)
+
+
+def test_the_loss_follows_the_model_files_training_loss(eval_root, tmp_path):
+    """A model trained with --loss mse is evaluated with MSE unless --loss says otherwise."""
+    torch.manual_seed(0)
+    model = tmp_path / "mse.th"
+    save_model(tiny_model(), model, loss="mse")
+    out = tmp_path / "eval"
+    main(["--model", str(model), "--musdb", str(eval_root), "--is-wav", "--out", str(out), "--shifts", "1",
+          "--songs", SYNTH_SONGS[0], "--no-progress"])  # fmt: skip
+    document = read_song_json(out / "test" / f"{SYNTH_SONGS[0]}.json")
+    assert document["demucs_dist"]["loss_kind"] == "mse"

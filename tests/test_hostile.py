@@ -347,3 +347,49 @@ def test_evaluate_says_what_is_wrong_with_its_out_folder(two_datasets, tmp_path)
     file_out.write_text("not a folder")
     line = one_error_line(evaluate_process(baseline_args(first, file_out)))
     assert f"--out {file_out} is a file, not a folder" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders a run writes: locked while it writes, never another program's
+
+
+def test_a_second_shard_writer_or_evaluation_on_a_locked_folder_is_refused(musdb_copy, two_datasets, tmp_path):
+    from demucs_dist.evaluate import main as evaluate_main
+    from demucs_dist.files import FolderLock
+
+    shards = tmp_path / "shards"
+    with FolderLock(shards, "shard writer", "--out"):  # as a running writer holds it
+        with pytest.raises(UserError, match=r"shards is in use by a running shard writer \(pid \d+ on "):
+            shard_main(shard_args(musdb_copy, shards))
+    assert [p.name for p in shards.iterdir()] == [".lock"]  # nothing written
+    shard_main(shard_args(musdb_copy, shards))  # released (or killed: the kernel drops it): a rerun works
+
+    first, _ = two_datasets
+    out = tmp_path / "eval"
+    with FolderLock(out, "evaluation", "--out"):
+        with pytest.raises(UserError, match=r"eval is in use by a running evaluation \(pid \d+ on "):
+            evaluate_main(baseline_args(first, out))
+    assert not (out / "run.json").exists()
+    evaluate_main(baseline_args(first, out))
+    assert (out / "results.json").is_file()
+
+
+def test_foreign_output_folders_are_refused_and_left_alone(two_datasets, synth_shards, tmp_path):
+    from demucs_dist.evaluate import main as evaluate_main
+    from demucs_dist.train import check_run_dir
+
+    first, _ = two_datasets
+    foreign = tmp_path / "someone_elses"
+    foreign.mkdir()
+    (foreign / "000000.tar").write_bytes(b"their data")
+    (foreign / "results.json").write_text("{}")
+    before = files_of(foreign)
+    with pytest.raises(UserError, match="is not empty and holds no scores of demucs-dist"):
+        evaluate_main(baseline_args(first, foreign))
+    with pytest.raises(UserError, match="is not empty and holds no run of demucs-dist train"):
+        check_run_dir(foreign)
+    assert files_of(foreign) == before
+    check_run_dir(tmp_path / "new")  # new, empty or a lock alone: fine
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / ".lock").write_text("pid 1 on elsewhere\n")
+    check_run_dir(tmp_path / "locked")

@@ -1,11 +1,10 @@
 import pytest
 import torch
+from helpers import TINY_KWARGS, tiny_model
 
 from demucs_dist.errors import UserError
 from demucs_dist.model import Demucs, center_trim
 from demucs_dist.modelfile import load_model, save_model
-
-TINY = dict(channels=4, depth=3, lstm_layers=1)
 
 
 def n_params(model):
@@ -28,7 +27,7 @@ def test_valid_length_and_output_length_of_ten_seconds():
 
 
 def test_valid_length_of_short_inputs_is_the_minimum_that_runs():
-    model = Demucs(**TINY)
+    model = Demucs(**TINY_KWARGS)
     minimum = model.valid_length(1)
     assert minimum == model.valid_length(0)  # the max(1, ...) guard: never an empty layer
     assert minimum > model.kernel_size
@@ -41,7 +40,7 @@ def test_valid_length_of_short_inputs_is_the_minimum_that_runs():
 
 
 def test_valid_length_is_valid_for_many_lengths():
-    model = Demucs(**TINY)
+    model = Demucs(**TINY_KWARGS)
     for length in [1, 100, 777, 4096, 10_000]:
         with torch.no_grad():
             out = model(torch.zeros(1, 2, model.valid_length(length)))
@@ -50,9 +49,9 @@ def test_valid_length_is_valid_for_many_lengths():
 
 def test_rescale_moves_each_conv_std_to_sqrt_std_times_reference():
     torch.manual_seed(0)
-    plain = Demucs(**TINY, rescale=0)
+    plain = Demucs(**TINY_KWARGS, rescale=0)
     torch.manual_seed(0)
-    rescaled = Demucs(**TINY, rescale=0.1)
+    rescaled = Demucs(**TINY_KWARGS, rescale=0.1)
     convs = 0
     for (name, a), b in zip(plain.named_modules(), rescaled.modules()):
         if isinstance(a, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
@@ -66,7 +65,7 @@ def test_rescale_moves_each_conv_std_to_sqrt_std_times_reference():
 
 
 def test_forward_backward_tiny():
-    model = Demucs(**TINY)
+    model = Demucs(**TINY_KWARGS)
     length = 3000
     x = torch.randn(2, 2, model.valid_length(length), requires_grad=True)
     y = center_trim(model(x), length)
@@ -84,7 +83,7 @@ def test_center_trim_is_centered():
 
 
 def test_model_file_roundtrip(tmp_path):
-    model = Demucs(**TINY, samplerate=22050)
+    model = Demucs(**TINY_KWARGS, samplerate=22050)
     path = tmp_path / "m.th"
     save_model(model, path, epoch=3)
     loaded = load_model(path)
@@ -108,7 +107,7 @@ def test_model_file_rejects_other_files(tmp_path):
 
 def test_blstm_runs_in_fp32_under_bf16_autocast():
     """Autocast would run the LSTM in reduced precision (cuDNN: fp16 even for bf16, unscaled)."""
-    model = Demucs(channels=4, depth=3, lstm_layers=1)
+    model = tiny_model()
     seen = []
     model.lstm.lstm.register_forward_hook(
         lambda module, inputs, output: seen.append((inputs[0].dtype, output[0].dtype))
@@ -120,7 +119,7 @@ def test_blstm_runs_in_fp32_under_bf16_autocast():
 
 
 def test_model_files_with_nan_weights_or_wrong_contents_are_refused(tmp_path):
-    model = Demucs(channels=4, depth=2, lstm_layers=1)
+    model = tiny_model(depth=2)
     with torch.no_grad():
         model.decoder[0][0].weight[0, 0, 0] = float("nan")
     save_model(model, tmp_path / "nan.th")
@@ -128,7 +127,7 @@ def test_model_files_with_nan_weights_or_wrong_contents_are_refused(tmp_path):
         load_model(tmp_path / "nan.th")
     package = torch.load(tmp_path / "nan.th", weights_only=True)
     package["kwargs"]["channels"] = 8  # a right header, contents of another model
-    package["state"] = Demucs(channels=4, depth=2, lstm_layers=1).state_dict()
+    package["state"] = tiny_model(depth=2).state_dict()
     torch.save(package, tmp_path / "wrong.th")
     with pytest.raises(UserError, match="damaged demucs_dist model file"):
         load_model(tmp_path / "wrong.th")

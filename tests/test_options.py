@@ -40,6 +40,20 @@ BAD_OPTIONS = [
     ("separate", ["song.wav", "--segment", "nan"], "--segment nan: must be a finite number"),
     ("synth", ["--seconds", "0"], "--seconds 0.0: must be at least 0.1"),
     ("synth", ["--train", "-3"], "--train -3: must be at least 0"),
+    ("train", ["--shift", "-1"], "--shift -1.0: must be at least 0"),
+    ("train", ["--remix-group", "0"], "--remix-group 0: must be at least 1"),
+    ("evaluate", ["--workers", "-2"], "--workers -2: must be at least 0"),
+    ("evaluate", ["--timeout", "0"], "--timeout 0.0: must be at least 1"),
+    ("shard", ["--segment", "nan"], "--segment nan: must be a finite number"),
+    ("shard", ["--segment", "0"], "--segment 0.0: must be at least 0.01"),
+    ("shard", ["--shift", "-0.5"], "--shift -0.5: must be at least 0"),
+    ("shard", ["--stride", "-1"], "--stride -1.0: must be at least 0"),
+    ("shard", ["--crops", "-1"], "--crops -1: must be at least 0"),
+    ("shard", ["--chunks-per-minute", "0"], "--chunks-per-minute 0.0: must be at least 0.001"),
+    ("shard", ["--shard-size", "0"], "--shard-size 0.0: must be at least 0.001"),
+    ("shard", ["--workers", "0"], "--workers 0: must be at least 1"),
+    ("score", ["--threads", "-1"], "--threads -1: must be at least 0"),
+    ("score", ["--workers", "-1"], "--workers -1: must be at least 0"),
 ]
 
 
@@ -50,7 +64,8 @@ def test_bad_option_is_one_line_before_any_work(stage, argv, message, capsys, tm
     monkeypatch.chdir(tmp_path)  # nothing may be written: a stray file would show here
     module = importlib.import_module({"train": "demucs_dist.train", "evaluate": "demucs_dist.evaluate",
                                       "separate": "demucs_dist.separate",
-                                      "synth": "demucs_dist.data.synth"}[stage])  # fmt: skip
+                                      "synth": "demucs_dist.data.synth", "shard": "demucs_dist.data.shard",
+                                      "score": "demucs_dist.score"}[stage])  # fmt: skip
     assert run_main(module.main, argv) == 2
     err = capsys.readouterr().err
     assert err == f"error: {message}\n"

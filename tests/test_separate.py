@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from helpers import tiny_model
 
 from demucs_dist.apply import normalize
 from demucs_dist.data.songs import open_tracks, read_song
 from demucs_dist.data.synth import synthesize
 from demucs_dist.errors import UserError
-from demucs_dist.model import Demucs, center_trim
+from demucs_dist.model import center_trim
 from demucs_dist.modelfile import save_model
 from demucs_dist.separate import main, song_name
 
@@ -38,7 +39,7 @@ def trained_model(train_root, tmp_path_factory):
     """
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    model = Demucs(channels=8, depth=3, lstm_layers=1)
+    model = tiny_model(channels=8)
     songs = []
     for track in open_tracks(train_root, is_wav=True, subset="train"):
         song = read_song(track)
@@ -67,7 +68,7 @@ def trained_model(train_root, tmp_path_factory):
 def untrained_model(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "untrained.th"
-    save_model(Demucs(channels=8, depth=3, lstm_layers=1), path)
+    save_model(tiny_model(channels=8), path)
     return path
 
 

@@ -146,6 +146,8 @@ def test_bf16_training_validates_in_fp32(synth_shards, tmp_path):
     result = run(single_step_command(synth_shards, tmp_path, "--mixed-precision", "bf16"), cpu_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mixed precision bf16" in result.stdout and "epoch 1/1" in result.stdout
+    # global batch 2 on one process: a step holds 2 examples, fewer than a Remix group of 4
+    assert "each process handles 2 example(s) per optimizer step, fewer than a Remix group (4)" in result.stdout
     model = load_model(tmp_path / "last.th")  # the weights validation ran with (saved after it)
     assert load_model(tmp_path / "init.th").kwargs == model.kwargs  # the untrained floor
     torch.set_num_threads(1)  # as the trainer ran (OMP_NUM_THREADS=1): the same summation order

@@ -28,7 +28,7 @@ from ..config import option
 class AugmentConfig:
     """Training data augmentation (the paper's defaults)"""
 
-    shift: float = option(1.0, "random per-source offset in [0, SHIFT) seconds before cropping (0 = off)")
+    shift: float = option(1.0, "random per-source offset in [0, SHIFT) seconds before cropping (0 = off)", minimum=0)
     flip_sign: bool = option(True, "multiply each item's source by +1 or -1 at random (FlipSign)")
     flip_channels: bool = option(True, "swap left and right of each item's source with p=0.5 (FlipChannels)")
     remix: bool = option(True, "permute each source across the examples of a group (Remix)")
@@ -36,6 +36,7 @@ class AugmentConfig:
         4,
         "consecutive examples of an optimizer step per Remix group (groups span micro-batches); "
         "an incomplete last group is remixed within itself",
+        minimum=1,
     )
 
 

@@ -45,13 +45,13 @@ from pathlib import Path
 
 import numpy as np
 import soundfile
-from tqdm import tqdm
 
-from .. import AUDIO_CHANNELS, SAMPLERATE, SOURCES
+from .. import AUDIO_CHANNELS, SAMPLERATE, SOURCES, available_cpus
 from ..config import ModelConfig, option, parse
 from ..errors import UserError, run_main
-from ..files import atomic_path, sha256_of
+from ..files import FolderLock, atomic_path, holds_only_locks, sha256_of
 from ..model import valid_length
+from ..progress import progress_bar
 from ..scoring import die_with_parent
 from .manifest import (
     MANIFEST,
@@ -99,15 +99,21 @@ class ShardConfig:
         "1 s (~11x storage); report: 1.25 random L-sample chunks per minute",
         choices=CHUNKINGS,
     )
-    segment: float = option(10.0, "training segment in seconds; L = the default model's valid_length of it + shift")
-    shift: float = option(1.0, "random shift in seconds the loader may apply on top of the segment")
-    stride: float = option(0.0, "seconds between chunk starts (0: lean = L, paper = 1 s; unused by report)")
-    crops: int = option(0, "crops the loader draws per chunk and epoch (0: lean = stride in seconds, else 1)")
-    chunks_per_minute: float = option(1.25, "report chunking: random chunks per minute of song")
+    segment: float = option(
+        10.0, "training segment in seconds; L = the default model's valid_length of it + shift", minimum=0.01
+    )
+    shift: float = option(1.0, "random shift in seconds the loader may apply on top of the segment", minimum=0)
+    stride: float = option(0.0, "seconds between chunk starts (0: lean = L, paper = 1 s; unused by report)", minimum=0)
+    crops: int = option(
+        0, "crops the loader draws per chunk and epoch (0: lean = stride in seconds, else 1)", minimum=0
+    )
+    chunks_per_minute: float = option(1.25, "report chunking: random chunks per minute of song", minimum=0.001)
     dtype: str = option("float16", "sample type stored in the shards", choices=DTYPES)
     normalize: bool = option(True, "z-score every song by its mono mixture's mean and std (else mean 0, std 1)")
-    shard_size: float = option(256.0, "target shard size in MB (a whole validation song may exceed it)")
-    workers: int = option(min(8, os.cpu_count() or 1), "processes writing shards in parallel (1 = in this process)")
+    shard_size: float = option(256.0, "target shard size in MB (a whole validation song may exceed it)", minimum=0.001)
+    workers: int = option(
+        min(8, available_cpus()), "processes writing shards in parallel (1 = in this process)", minimum=1
+    )
     seed: int = option(0, "seed for --valid-tracks N, report chunk positions and the order of chunks over the shards")
     dry_run: bool = option(False, "print what would be written, then stop")
     verify: bool = option(False, "check the shards in --out against manifest.json (present, size, sha256), then stop")
@@ -455,7 +461,7 @@ def check_out_folder(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create --out {out}: {exc.strerror or exc}") from None
-    if any(out.iterdir()) and not is_our_folder(out):
+    if not holds_only_locks(out) and not is_our_folder(out):
         raise UserError(
             f"--out {out} is not empty and was not written by demucs-dist shard (no manifest.json of ours): "
             "refusing to write or delete anything in it; choose a new or empty folder"
@@ -505,7 +511,7 @@ def write_tasks(tasks: list[ShardTask], config: ShardConfig, training_length: in
     written (a rerun after the fix skips them), then one UserError names every bad song."""
     records: dict[str, dict] = {}
     failures: dict[str, str] = {}
-    progress = tqdm(total=len(tasks), desc="shards", unit="shard")
+    progress = progress_bar(len(tasks), "shards", "shard")
     if config.workers <= 1:
         for task in tasks:
             try:
@@ -546,8 +552,14 @@ def write_shards(config: ShardConfig) -> Manifest | None:
     if config.dry_run:
         return None
     out = Path(config.out)
-    training_length = manifest.chunking.training_length
     check_out_folder(out)
+    with FolderLock(out, "shard writer", "--out"):
+        return write_all(config, out, manifest, tasks, tracks)
+
+
+def write_all(config: ShardConfig, out: Path, manifest: Manifest, tasks: list[ShardTask], tracks) -> Manifest:
+    """Write the planned shards into the locked `out`, then the manifest; returns the manifest."""
+    training_length = manifest.chunking.training_length
     remove_stale(out, tasks)
     global _TRACKS
     _TRACKS = tracks
