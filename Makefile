@@ -12,12 +12,16 @@ $(STAMP): pyproject.toml scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh
 	@touch $@
 
+# Tests run in parallel processes (pytest-xdist), one per core. Per-test balancing beat keeping
+# each file on one worker (--dist loadfile): 453 s against 503 s on 2 cores.
+PYTEST_PARALLEL ?= -n auto
+
 test: $(STAMP)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q $(PYTEST_PARALLEL)
 
 # Everything but the real multi-process runs and long songs (marked slow): under a minute.
 test-fast: $(STAMP)
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q $(PYTEST_PARALLEL) -m "not slow"
 
 demo: $(STAMP)
 	bash launch/demo.sh

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -10,12 +12,33 @@ class UserError(Exception):
     """Bad input, a wrong path or an impossible setting, explained in words."""
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (a scheduler's cancel, a launcher stopping its ranks). Raised in the main
+    thread so that `with` blocks clean up on the way out, as for Ctrl-C: worker pools are killed
+    rather than left scoring into the output folder. A BaseException: no `except Exception`
+    swallows it."""
+
+
+_handler_pid = 0  # the process that installed the SIGTERM handler (forked children inherit it)
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    if os.getpid() != _handler_pid:  # a forked worker (shard pool, DataLoader): die as by default
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise Terminated()
+
+
 def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Run a stage's `main`, turning UserError into one line on stderr and exit code 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
+    global _handler_pid
+    _handler_pid = os.getpid()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         main(argv)
     except UserError as exc:
@@ -35,4 +58,9 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0

@@ -62,6 +62,7 @@ from .scoring import (
     load_results,
     log_event,
     read_song_json,
+    save_results,
     song_json_path,
 )
 
@@ -472,15 +473,7 @@ def gather_results(
             "seconds": round(seconds, 1),
         },
     }
-    compare = {}
-    for path in config.compare:
-        other = load_results(path)
-        compare[other.get("label", path)] = other
-    table = format_table(results, compare)
-    with atomic_path(out / "results.json") as tmp:
-        tmp.write_text(json.dumps(results, indent=2))
-    with atomic_path(out / "results.md") as tmp:
-        tmp.write_text(table + "\n")
+    table = save_results(out, results, config.compare)
     run = results["this_run"]
     print(
         f"\n{table}\n\n{len(tracks)} songs: inferred {run['inferred']} and scored {run['scored']} in this run "

@@ -43,10 +43,9 @@ from .scoring import (
     ScoringPool,
     aggregate,
     default_workers,
-    format_table,
     left_out_note,
-    load_results,
     read_song_json,
+    save_results,
     song_json_path,
 )
 
@@ -235,15 +234,7 @@ def write_results(config: ScoreConfig, tracks: Mapping, label: str, scored: int,
         **aggregate(documents),
         "this_run": {"scored": scored, "skipped": len(tracks) - scored, "seconds": round(seconds, 1)},
     }
-    compare = {}
-    for path in config.compare:
-        other = load_results(path)
-        compare[other.get("label", path)] = other
-    table = format_table(results, compare)
-    with atomic_path(out / "results.json") as tmp:
-        tmp.write_text(json.dumps(results, indent=2))
-    with atomic_path(out / "results.md") as tmp:
-        tmp.write_text(table + "\n")
+    table = save_results(out, results, config.compare)
     print(
         f"\n{table}\n\n{len(tracks)} songs: scored {scored} in this run ({len(tracks) - scored} already scored), "
         f"{seconds:.0f} s. Scores in {out}/{config.subset}/, table in {out}/results.md" + left_out_note(results)

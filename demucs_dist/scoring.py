@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -496,6 +496,21 @@ def left_out_note(results: Mapping) -> str:
         f"{song}: {', '.join(f'{s} ({why})' for s, why in sources.items())}" for song, sources in left_out.items()
     )
     return f"\nLeft out (silent throughout, NaN frames, not in that source's median): {listing}"
+
+
+def save_results(out: Path, results: Mapping, compare: Sequence[str] = ()) -> str:
+    """Write `out`/results.json and `out`/results.md (the table, with a row per --compare run's
+    results.json); returns the table."""
+    others = {}
+    for path in compare:
+        other = load_results(path)
+        others[other.get("label", path)] = other
+    table = format_table(results, others)
+    with atomic_path(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=2))
+    with atomic_path(out / "results.md") as tmp:
+        tmp.write_text(table + "\n")
+    return table
 
 
 def format_table(results: Mapping, compare: Mapping[str, Mapping] | None = None) -> str:

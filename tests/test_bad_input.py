@@ -219,6 +219,7 @@ def save(path: Path, package: dict) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_one_clear_line(name, small_root, synth_shards, tmp_path):
     case = CASES[name]
@@ -246,6 +247,7 @@ def test_debug_shows_the_traceback(tmp_path):
     assert "Traceback" in result.stderr and "UserError: MUSDB root not found" in result.stderr
 
 
+@pytest.mark.slow
 def test_mono_silent_and_short_songs_are_converted_normalised_or_skipped(small_root, tmp_path):
     """Accepted with care: a mono stem is duplicated to stereo, a silent song keeps std 1 (no
     division by zero), a song shorter than one example is skipped and named."""

@@ -117,6 +117,7 @@ def direct_correlations(x: np.ndarray, y: np.ndarray, taps: int) -> np.ndarray:
     return np.array([[np.correlate(np.pad(xp, taps - 1), yq, mode="valid") for yq in y] for xp in x])
 
 
+@pytest.mark.slow
 def test_block_correlations_equal_direct_sums():
     """Lags -taps+1..taps-1 across many blocks and chunks, zero padding at both ends: the general
     overlap-save version and the one-FFT-per-block version with its boundary terms."""

@@ -18,6 +18,8 @@ from demucs_dist.errors import UserError
 from demucs_dist.files import FolderLock
 from demucs_dist.model import Demucs
 
+pytestmark = pytest.mark.slow  # real multi-process runs: `make test-fast` skips them
+
 FAST = ["--global-batch", "8", "--max-device-batch", "2", "--workers", "0", "--timeout", "30", "--no-log-audio"]
 STEPS = 6  # per epoch: 16 examples a pass x --repeat 3 / global batch 8
 

@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from demucs_dist import __version__
 from demucs_dist.cli import SUBCOMMANDS, main
 from demucs_dist.model import Demucs
@@ -28,6 +30,7 @@ def test_info_prints_parameter_count(tmp_path, capsys):
     assert str(sum(p.numel() for p in model.parameters())) in out and '"epoch": 1' in out
 
 
+@pytest.mark.slow
 def test_bad_model_file_is_one_clear_line_without_traceback(tmp_path):
     bad = tmp_path / "bad.th"
     bad.write_bytes(b"\x00" * 10)

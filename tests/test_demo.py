@@ -8,7 +8,11 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from demucs_dist import SOURCES
+
+pytestmark = pytest.mark.slow  # real multi-process runs: `make test-fast` skips them
 
 ROOT = Path(__file__).parents[1]
 # A quarter of the demo: 4 training songs of 12 s, 1 test song, 27 optimizer steps.

@@ -91,6 +91,7 @@ def two_processes(model_file, eval_root, tmp_path_factory):
     return out, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_job_log_has_plain_progress_lines_of_each_rank(two_processes):
     _, log = two_processes
     assert "\r" not in log
@@ -101,6 +102,7 @@ def test_job_log_has_plain_progress_lines_of_each_rank(two_processes):
         assert [line for line in lines if line.startswith(f"rank {rank} scoring: ")], lines
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_per_song_scores(one_process, two_processes):
     (out1, _), (out2, _) = one_process, two_processes
     assert json.loads((out2 / "results.json").read_text())["this_run"]["processes"] == 2
@@ -172,6 +174,7 @@ def test_rerun_with_every_song_scored_does_no_inference(one_process, model_file,
     assert table_numbers(stdout) == table_numbers(first_stdout)
 
 
+@pytest.mark.slow
 def test_killed_run_rerun_scores_every_song_exactly_once(model_file, eval_root, tmp_path):
     out = tmp_path / "eval"
     args = common_args(model_file, eval_root, out) + ["--workers", 1, "--no-progress"]
@@ -212,6 +215,7 @@ def clip_run(model_file, clip_root, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_real_musdb_clip_evaluates_end_to_end(clip_run, clip_root):
     out = clip_run
     name = CLIP.name.removesuffix(".stem.mp4")
@@ -319,6 +323,7 @@ def test_bad_input_is_one_line_user_errors(model_file, clip_root, tmp_path):
         main(["--baseline", "mixture", *musdb, "--loss", "mse"])
 
 
+@pytest.mark.slow
 def test_default_inference_is_the_papers_protocol_computed_by_hand(model_file, eval_root):
     """evaluate's defaults: 10 shifts of up to 0.5 s, each shifted song whole in one fp32 pass
     (no overlap-add), averaged, on the song z-scored by its mixture and scaled back."""

@@ -125,6 +125,7 @@ def write_stem(root: Path, song: str, stem: str, audio: np.ndarray) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_shard_refuses_nan_audio_empty_files_and_missing_stems(musdb_copy, tmp_path):
     bass = musdb_copy / "train" / TRAIN_SONG / "bass.wav"
     original = bass.read_bytes()
@@ -313,6 +314,7 @@ def two_datasets(tmp_path_factory) -> tuple[Path, Path]:
     return first, second
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_to_report_another_datasets_scores(two_datasets, tmp_path):
     from demucs_dist.evaluate import main as evaluate_main
 
@@ -335,6 +337,7 @@ def test_evaluate_refuses_to_report_another_datasets_scores(two_datasets, tmp_pa
     assert (tmp_path / "eval" / "results.json").read_text() == scores  # nothing overwritten
 
 
+@pytest.mark.slow
 def test_evaluate_says_what_is_wrong_with_its_out_folder(two_datasets, tmp_path):
     first, _ = two_datasets
     out = tmp_path / "eval"
@@ -353,6 +356,7 @@ def test_evaluate_says_what_is_wrong_with_its_out_folder(two_datasets, tmp_path)
 # Folders a run writes: locked while it writes, never another program's
 
 
+@pytest.mark.slow
 def test_a_second_shard_writer_or_evaluation_on_a_locked_folder_is_refused(musdb_copy, two_datasets, tmp_path):
     from demucs_dist.evaluate import main as evaluate_main
     from demucs_dist.files import FolderLock
@@ -393,3 +397,63 @@ def test_foreign_output_folders_are_refused_and_left_alone(two_datasets, synth_s
     (tmp_path / "locked").mkdir()
     (tmp_path / "locked" / ".lock").write_text("pid 1 on elsewhere\n")
     check_run_dir(tmp_path / "locked")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping an evaluation: SIGTERM (a scheduler's cancel) and Ctrl-C
+
+
+def descendants(pid: int) -> list[int]:
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for parent in frontier for child in children_of(parent)]
+        found += children
+        frontier = children
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stopped_evaluation_leaves_no_worker_writing_into_out(synth_root, tmp_path, stop):
+    """With museval workers busy scoring, stop the evaluation: it and every process it started end
+    within seconds (Ctrl-C used to take ~25 s, and after SIGTERM a worker went on writing scores)."""
+    root = synthesize_songs(tmp_path / "musdb", test=3, seconds=8.0)
+    out = tmp_path / "eval"
+    args = [*baseline_args(root, out), "--scorer", "museval", "--workers", "1"]
+    process = subprocess.Popen([sys.executable, "-m", "demucs_dist.evaluate", *args], env=cpu_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "inferred" not in read_text(out / "events.log"):
+            time.sleep(0.05)  # a song has gone to the museval worker
+        time.sleep(1.0)
+        workers = descendants(process.pid)
+        assert workers, "the museval pool should be running"
+        started = time.monotonic()
+        process.send_signal(stop)
+        process.wait(timeout=20)
+        assert time.monotonic() - started < 10
+        assert not wait_gone(workers, 10), "a worker outlived the evaluation"
+        scored = sorted((out / "test").glob("*.json")) if (out / "test").exists() else []
+        time.sleep(2.0)
+        assert (sorted((out / "test").glob("*.json")) if (out / "test").exists() else []) == scored
+        assert len(scored) < 3  # stopped before the end: the rest is for a rerun
+    finally:
+        process.kill()
+        kill_all(descendants(process.pid))
+    rerun = evaluate_process(baseline_args(root, out))  # the torch scorer finishes what is left
+    assert rerun.returncode == 0, output(rerun)
+    assert len(list((out / "test").glob("*.json"))) == 3
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def synthesize_songs(root: Path, test: int, seconds: float) -> Path:
+    from demucs_dist.data.synth import synthesize
+
+    return synthesize(root, train=0, valid=0, test=test, seconds=seconds)

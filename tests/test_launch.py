@@ -201,6 +201,7 @@ def test_slurm_outside_the_repository_says_where_it_looked(fake_bin, fake_venv, 
     assert result.returncode == 2 and "submit from the repository root" in result.stderr
 
 
+@pytest.mark.slow
 def test_train_sh_from_another_folder_with_relative_paths(synth_shards, tmp_path):
     """Real training (one CPU process) launched from another folder, relative paths with spaces."""
     (tmp_path / "my shards").symlink_to(synth_shards)
@@ -257,6 +258,7 @@ def test_cuda_torch_with_an_old_driver_is_refused_with_torchs_reason(monkeypatch
     assert "ACCELERATE_USE_CPU=1" in message
 
 
+@pytest.mark.slow
 @needs_no_cuda
 def test_a_gpu_torch_cannot_use_stops_training_in_one_line_unless_cpu_is_asked_for(fake_bin, tmp_path):
     command = [sys.executable, "-m", "demucs_dist.train", "--shards", tmp_path / "none", "--logdir", tmp_path / "run"]

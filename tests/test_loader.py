@@ -229,6 +229,7 @@ def uniform_same_song_fraction(examples_per_song: list[int], group: int) -> floa
     return 1 - symmetric[group] / math.comb(sum(examples_per_song), group)
 
 
+@pytest.mark.slow
 def test_remix_groups_mix_songs_like_a_uniform_shuffle_and_never_repeat_a_chunk(mixing_shards):
     """Through the real loader (DataLoader workers), the fraction of Remix groups (4 consecutive
     examples of a rank) holding 2+ examples of one song is at most 1.5x a uniform shuffle's, and no

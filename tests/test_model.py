@@ -18,6 +18,7 @@ def test_parameter_counts(channels, expected):
     assert n_params(model) == expected
 
 
+@pytest.mark.slow
 def test_valid_length_and_output_length_of_ten_seconds():
     model = Demucs(channels=2)  # default depth/kernel/stride/context; small for speed
     assert model.valid_length(441000) == 451924

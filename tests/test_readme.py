@@ -8,6 +8,8 @@ import sys
 from functools import cache
 from pathlib import Path
 
+import pytest
+
 from demucs_dist.cli import SUBCOMMANDS
 
 README = Path(__file__).parents[1] / "README.md"
@@ -61,6 +63,7 @@ def test_readme_names_the_two_commands_at_the_top():
     assert "make demo" in top and "make test" in top
 
 
+@pytest.mark.slow
 def test_every_documented_option_exists():
     options = documented_options()
     assert len(options) > 40  # the README really documents the CLI

@@ -17,10 +17,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import TINY, cpu_env, launch_command, output, run, scalars
 
 from demucs_dist.modelfile import load_model
+
+pytestmark = pytest.mark.slow  # real multi-process runs: `make test-fast` skips them
 
 # 16 examples a pass, --repeat 3: 6 optimizer steps of 8 examples per epoch; a short timeout so a
 # hang would show as a failure within seconds, not the default 10 minutes.

@@ -18,6 +18,8 @@ from demucs_dist.model import center_trim
 from demucs_dist.modelfile import save_model
 from demucs_dist.separate import main, song_name
 
+pytestmark = pytest.mark.slow  # real multi-process runs: `make test-fast` skips them
+
 REPO = Path(__file__).resolve().parents[1]
 SUM_TOLERANCE = 0.5  # relative L2 error of the stems' sum; see trained_model
 

@@ -185,6 +185,7 @@ def test_bad_input_is_a_clear_error(synth_root, tmp_path):
         main(["--musdb", str(synth_root), "--is-wav", "--valid-tracks", "No Such Song", "--dry-run"])
 
 
+@pytest.mark.slow
 def test_stem_mp4_songs_shard_like_wav(tmp_path):
     """synth --format stems, and the real MUSDB18 clip that ships with stempeg, through .stem.mp4."""
     import stempeg
@@ -209,6 +210,7 @@ def shard_files(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_killed_and_restarted_run_ends_with_the_same_shards(synth_root, tmp_path):
     # One chunk per shard: 16 train shards, so the kill lands mid-run.
     args = ["--musdb", str(synth_root), "--is-wav", "--segment", "0.5", "--shift", "0.25", "--shard-size", "1.5"]

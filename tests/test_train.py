@@ -18,6 +18,8 @@ from demucs_dist.data.manifest import examples_per_epoch, read_manifest
 from demucs_dist.model import center_trim
 from demucs_dist.modelfile import load_model
 
+pytestmark = pytest.mark.slow  # real multi-process runs: `make test-fast` skips them
+
 PROBE = Path(__file__).with_name("train_probe.py")
 # global batch 8 over 2 processes holding at most 2 each: gradient accumulation 2
 BATCHING = ["--global-batch", "8", "--max-device-batch", "2", "--workers", "1", "--timeout", "60"]
