@@ -165,8 +165,9 @@ def compare_scorers(lines: list) -> None:
         "`--scorer torch`, 10 shifts (not measured: no GPU here):",
         f"- decoding the .stem.mp4 files: {decode:.3f} s per second of audio here (the stempeg clip), "
         f"{per_gpu_songs:.2f} songs of {song_seconds:.0f} s per rank: ~{decoding * read_ahead:.0f} s of one core "
-        f"per rank, ~{decoding:.0f} s with --read-ahead {read_ahead} (songs decoded in parallel; a node has the "
-        f"{8 * read_ahead} cores), overlapped with inference after the first song ({first_song:.0f} s)",
+        f"per rank, ~{decoding:.0f} s with --read-ahead {read_ahead} (songs decoded in parallel, given "
+        f"{8 * read_ahead} free cores on the node), overlapped with inference after the first song "
+        f"({first_song:.0f} s)",
         f"- inference: {inference:.0f} s per GPU (by FLOPs, as above: 20 TFLOP/s effective)",
         f"- scoring on the GPU: ~{scoring:.1f} s per GPU (bench/score.py's operation counts)",
         f"- start-up (accelerate launch, model load, ffprobe of the songs): ~{startup:.0f} s here",
