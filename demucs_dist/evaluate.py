@@ -56,10 +56,10 @@ from .scoring import (
     DeviceScorer,
     ScoringPool,
     aggregate,
+    check_compare,
     default_workers,
     format_table,
     left_out_note,
-    load_results,
     log_event,
     read_song_json,
     save_results,
@@ -155,13 +155,7 @@ def check_config(config: EvaluateConfig) -> None:
     if not config.out:
         raise UserError("--out is required: the folder the scores go to")
     check_out(config.out)
-    for path in config.compare:
-        if not os.path.isfile(path):
-            raise UserError(f"--compare: no results file {path}")
-        try:
-            load_results(path)["scores"]["All"]["SDR"]
-        except (OSError, ValueError, KeyError, TypeError):  # checked now, not after the whole evaluation
-            raise UserError(f"--compare: {path} is not a results.json written by demucs-dist evaluate") from None
+    check_compare(config.compare)
     if not config.loss:  # the loss the model was trained (and validated) with
         config.loss = read_model_file(config.model)["info"].get("loss", "l1") if config.model else "l1"
 

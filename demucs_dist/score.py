@@ -42,6 +42,7 @@ from .scoring import (
     DeviceScorer,
     ScoringPool,
     aggregate,
+    check_compare,
     default_workers,
     left_out_note,
     read_song_json,
@@ -93,9 +94,7 @@ def check_config(config: ScoreConfig) -> None:
         raise UserError(f"--device {config.device!r}: use auto, cpu, cuda or cuda:N")
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {config.device}: torch sees no CUDA device here (use --device cpu)")
-    for path in config.compare:
-        if not os.path.isfile(path):
-            raise UserError(f"--compare: no results file {path}")
+    check_compare(config.compare)
 
 
 def check_estimates(config: ScoreConfig, names: Sequence[str]) -> None:

@@ -498,6 +498,20 @@ def left_out_note(results: Mapping) -> str:
     return f"\nLeft out (silent throughout, NaN frames, not in that source's median): {listing}"
 
 
+def check_compare(paths: Sequence[str]) -> None:
+    """UserError (one line) for a --compare path that is not a results.json of ours: checked
+    before any work, not after the whole evaluation."""
+    from .errors import UserError
+
+    for path in paths:
+        if not os.path.isfile(path):
+            raise UserError(f"--compare: no results file {path}")
+        try:
+            load_results(path)["scores"]["All"]["SDR"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"--compare: {path} is not a results.json written by demucs-dist evaluate") from None
+
+
 def save_results(out: Path, results: Mapping, compare: Sequence[str] = ()) -> str:
     """Write `out`/results.json and `out`/results.md (the table, with a row per --compare run's
     results.json); returns the table."""

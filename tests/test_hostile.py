@@ -457,3 +457,19 @@ def synthesize_songs(root: Path, test: int, seconds: float) -> Path:
     from demucs_dist.data.synth import synthesize
 
     return synthesize(root, train=0, valid=0, test=test, seconds=seconds)
+
+
+def test_a_wrong_compare_file_is_refused_before_any_work(two_datasets, tmp_path):
+    from demucs_dist.evaluate import main as evaluate_main
+
+    first, _ = two_datasets
+    wrong = tmp_path / "notes.json"
+    wrong.write_text('{"not": "a results file"}')
+    out = tmp_path / "eval"
+    for path, message in [
+        (wrong, "is not a results.json written by demucs-dist"),
+        (tmp_path / "nope.json", "no results file"),
+    ]:
+        with pytest.raises(UserError, match=f"--compare: .*{message}"):
+            evaluate_main([*baseline_args(first, out), "--compare", str(path)])
+        assert not out.exists()  # refused before any song was inferred
