@@ -27,6 +27,9 @@ def _raise_terminated(signum: int, _frame: object) -> None:
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
+    # Once: a second SIGTERM kills at once (a rank stuck in C code, e.g. a hung collective, never
+    # returns to Python to see the first).
+    signal.signal(signum, signal.SIG_DFL)
     raise Terminated()
 
 

@@ -29,6 +29,7 @@ for no separation at all. `--compare OTHER/results.json` adds another run's SDR 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -184,9 +185,15 @@ def dataset_identity(musdb: str, is_wav: bool, tracks: Mapping) -> dict[str, Any
     the other's."""
     from .data.songs import song_identity
 
+    def identity(track) -> str:
+        try:
+            return song_identity(track)
+        except (UserError, OSError) as exc:  # reported as that song's failure when it is read
+            return f"unreadable: {exc}"
+
     return {
         "dataset": {"root": os.path.abspath(musdb), "format": "wav" if is_wav else "stems"},
-        "songs": {name: song_identity(track) for name, track in tracks.items()},
+        "songs": {name: identity(track) for name, track in tracks.items()},
     }
 
 
@@ -211,8 +218,9 @@ def run_identity(config: EvaluateConfig, apply_config: ApplyConfig, tracks: Mapp
 
 
 def check_run_file(out: Path, identity: Mapping) -> dict:
-    """Refuse to add scores of another model, other settings, another dataset or changed audio to
-    an existing output folder; UserError naming run.json if it is not ours (corrupt). Returns the
+    """Refuse to add scores of another model, other settings, another dataset or changed audio (of
+    a song scored there) to an existing output folder; UserError naming run.json if it is not ours
+    (corrupt). A run.json from before dataset fingerprints is accepted with a note. Returns the
     identity to write back: this one, its "songs" merged with those of the earlier runs (a rerun
     may score more songs)."""
     path = out / "run.json"
@@ -224,16 +232,22 @@ def check_run_file(out: Path, identity: Mapping) -> dict:
         raise UserError(f"{path} is not a run.json written by demucs-dist ({exc}): {_START_OVER}") from None
     if not isinstance(previous, dict):
         raise UserError(f"{path} is not a run.json written by demucs-dist: {_START_OVER}")
-    changed = [f"{k}: {previous.get(k)} -> {v}" for k, v in identity.items() if k != "songs" and previous.get(k) != v]
+    older = "songs" in identity and "songs" not in previous  # written before run.json recorded the dataset
+    if older:
+        print(f"note: {path} predates dataset fingerprints: the dataset of its scores cannot be checked", flush=True)
+    checked = {k: v for k, v in identity.items() if k != "songs" and not (older and k == "dataset")}
+    changed = [f"{k}: {previous.get(k)} -> {v}" for k, v in checked.items() if previous.get(k) != v]
     if changed:
         raise UserError(f"{out} holds scores made with other settings ({'; '.join(changed)}); {_START_OVER}")
     merged = dict(identity)
-    if "songs" in identity:
+    if "songs" in identity and not older:
         songs = previous.get("songs")
         if not isinstance(songs, dict):
-            raise UserError(f"{path} records no song fingerprints (an older or damaged run.json): {_START_OVER}")
+            raise UserError(f"{path} records no song fingerprints (a damaged run.json): {_START_OVER}")
         new = identity["songs"]
-        differ = sorted(name for name in new if name in songs and songs[name] != new[name])
+        subset = str(identity.get("subset", "test"))
+        scored = {name for name in new if song_json_path(out, subset, name).is_file()}
+        differ = sorted(name for name in scored if name in songs and songs[name] != new[name])
         if differ:
             raise UserError(
                 f"the audio of {len(differ)} song(s) changed since they were scored in {out} "
@@ -318,31 +332,35 @@ def infer_and_score(
 
     out = Path(config.out)
     inferred, failures = [], {}
-    for name, song in read_songs_ahead(tracks, names, config.read_ahead):
-        if bar is not None:
-            bar.update()
-        json_path = song_json_path(out, config.subset, name)
-        if isinstance(song, UserError):  # one unreadable song must not stall the other ranks
-            failures[name] = str(song)
-            continue
-        seed = song_seed(config.seed, name)
-        tic = time.perf_counter()
-        estimates, loss = infer_song(model, song, apply_config, seed, config.loss, device)
-        log_event(out, "inferred", name)
-        inferred.append(name)
-        if config.save_estimates:
-            for source, stem in zip(SOURCES, estimates):
-                write_wav(out / "estimates" / config.subset / name / f"{source}.wav", stem, song.samplerate, "FLOAT")
-        extra = {
-            "loss": loss,
-            "loss_kind": config.loss,
-            "seconds": song.seconds,
-            "inference_seconds": round(time.perf_counter() - tic, 3),
-            "label": label,
-            "shift_seed": seed,
-        }
-        scorer.submit(name, song.sources, estimates, json_path, out, song.samplerate, extra)
-        del song, estimates
+    # closing: on an error, the decodes still queued are dropped at once, not finished first
+    with contextlib.closing(read_songs_ahead(tracks, names, config.read_ahead)) as reading:
+        for name, song in reading:
+            if bar is not None:
+                bar.update()
+            json_path = song_json_path(out, config.subset, name)
+            if isinstance(song, UserError):  # one unreadable song must not stall the other ranks
+                failures[name] = str(song)
+                continue
+            seed = song_seed(config.seed, name)
+            tic = time.perf_counter()
+            estimates, loss = infer_song(model, song, apply_config, seed, config.loss, device)
+            log_event(out, "inferred", name)
+            inferred.append(name)
+            if config.save_estimates:
+                for source, stem in zip(SOURCES, estimates):
+                    write_wav(
+                        out / "estimates" / config.subset / name / f"{source}.wav", stem, song.samplerate, "FLOAT"
+                    )
+            extra = {
+                "loss": loss,
+                "loss_kind": config.loss,
+                "seconds": song.seconds,
+                "inference_seconds": round(time.perf_counter() - tic, 3),
+                "label": label,
+                "shift_seed": seed,
+            }
+            scorer.submit(name, song.sources, estimates, json_path, out, song.samplerate, extra)
+            del song, estimates
     return inferred, failures
 
 
@@ -385,17 +403,23 @@ def evaluate_locked(
 
     out = Path(config.out)
     rank, world = accelerator.process_index, accelerator.num_processes
+    scored: list[str] | str | None = None
     if accelerator.is_main_process:
-        lock.acquire()  # a second evaluation into this --out stops here, naming this one
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "run.json") as tmp:
-            tmp.write_text(json.dumps(identity, indent=2))
-        shutil.rmtree(out / ".scratch", ignore_errors=True)  # arrays left by a killed run
-        scored = [n for n in tracks if song_json_path(out, config.subset, n).is_file()]
-    else:
-        scored = None
+        try:
+            lock.acquire()  # a second evaluation into this --out stops here, naming this one
+        except UserError as exc:
+            scored = str(exc)  # every rank stops with it, rather than wait in the broadcast below
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            with atomic_path(out / "run.json") as tmp:
+                tmp.write_text(json.dumps(identity, indent=2))
+            shutil.rmtree(out / ".scratch", ignore_errors=True)  # arrays left by a killed run
+            scored = [n for n in tracks if song_json_path(out, config.subset, n).is_file()]
     # Every rank must split the same remaining songs: rank 0 looks, before anyone scores one.
-    done = set(broadcast_object_list([scored])[0])
+    scored = broadcast_object_list([scored])[0]
+    if isinstance(scored, str):
+        raise UserError(scored)
+    done = set(scored or [])
     remaining = {n: float(tracks[n].duration or 0.0) for n in tracks if n not in done}
     mine = balance(remaining, world)[rank]
 

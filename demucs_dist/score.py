@@ -212,6 +212,7 @@ def score_locked(config: ScoreConfig, tracks: Mapping, identity: Mapping, starte
             }
             json_path = song_json_path(out, config.subset, name)
             scorer.submit(name, song.sources, estimates, json_path, out, song.samplerate, extra)
+        bar.close()
     failures.update(scorer.failures)
     if failures:
         listing = "; ".join(f"{name}: {why}" for name, why in sorted(failures.items()))

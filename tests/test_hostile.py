@@ -473,3 +473,44 @@ def test_a_wrong_compare_file_is_refused_before_any_work(two_datasets, tmp_path)
         with pytest.raises(UserError, match=f"--compare: .*{message}"):
             evaluate_main([*baseline_args(first, out), "--compare", str(path)])
         assert not out.exists()  # refused before any song was inferred
+
+
+def test_one_unreadable_song_does_not_stop_the_others(two_datasets, tmp_path, capsys):
+    from demucs_dist.evaluate import main as evaluate_main
+
+    first, _ = two_datasets
+    root = Path(shutil.copytree(first, tmp_path / "musdb"))
+    synthesize_songs(tmp_path / "more", test=1, seconds=2.0)  # a second song, renamed below
+    (extra,) = sorted((tmp_path / "more" / "test").iterdir())
+    broken = root / "test" / "Broken Song"
+    shutil.copytree(extra, broken)
+    (broken / "bass.wav").unlink()
+    out = tmp_path / "eval"
+    with pytest.raises(UserError, match=r"1 songs could not be scored.*Broken Song"):
+        evaluate_main(baseline_args(root, out))
+    assert (out / "test" / f"{song_folder(first).name}.json").is_file()  # the readable song is scored
+
+
+def test_a_run_json_from_before_dataset_fingerprints_is_resumed(two_datasets, tmp_path, capsys):
+    from demucs_dist.evaluate import main as evaluate_main
+
+    first, _ = two_datasets
+    out = tmp_path / "eval"
+    evaluate_main(baseline_args(first, out))
+    older = json.loads((out / "run.json").read_text())
+    del older["dataset"], older["songs"]
+    (out / "run.json").write_text(json.dumps(older))
+    capsys.readouterr()
+    evaluate_main(baseline_args(first, out))
+    assert "predates dataset fingerprints" in capsys.readouterr().out
+    assert "songs" in json.loads((out / "run.json").read_text())  # recorded from now on
+
+
+def test_a_shard_run_killed_before_its_first_shard_can_be_rerun(musdb_copy, tmp_path):
+    out = tmp_path / "shards"
+    (out / "train").mkdir(parents=True)
+    (out / ".lock").write_text("pid 1 on elsewhere\n")
+    leftover = out / "train" / ".000000.tar.tmp4242"  # atomic_path's temporary name
+    leftover.write_bytes(b"half a shard")
+    shard_main(shard_args(musdb_copy, out))
+    assert not leftover.exists() and (out / "manifest.json").is_file()

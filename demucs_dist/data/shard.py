@@ -49,7 +49,7 @@ import soundfile
 from .. import AUDIO_CHANNELS, SAMPLERATE, SOURCES, available_cpus
 from ..config import ModelConfig, option, parse
 from ..errors import UserError, run_main
-from ..files import FolderLock, atomic_path, holds_only_locks, sha256_of
+from ..files import LOCK_NAME, FolderLock, atomic_path, holds_only_locks, sha256_of
 from ..model import valid_length
 from ..progress import progress_bar
 from ..scoring import die_with_parent
@@ -451,6 +451,19 @@ def is_our_folder(out: Path) -> bool:
     return any(_our_sidecar(path) for split in ("train", "valid") for path in sorted((out / split).glob("*.tar.json")))
 
 
+def _only_temporary_shards(out: Path) -> bool:
+    """Whether `out` holds nothing but a lock and train/ and valid/ folders with our temporary
+    shard names (.NNNNNN.tar.tmpPID) or nothing: a first run killed before its first sidecar."""
+    for path in out.iterdir():
+        if path.name == LOCK_NAME:
+            continue
+        if path.name not in ("train", "valid") or not path.is_dir():
+            return False
+        if any(not (SHARD_FILE.match(p.name) and p.name.startswith(".")) for p in path.iterdir()):
+            return False
+    return True
+
+
 def check_out_folder(out: Path) -> None:
     """`--out` must be a new or empty folder, or one this program wrote (`is_our_folder`): the
     writer deletes stale shards and replaces manifest.json there, which in another program's
@@ -461,7 +474,7 @@ def check_out_folder(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create --out {out}: {exc.strerror or exc}") from None
-    if not holds_only_locks(out) and not is_our_folder(out):
+    if not holds_only_locks(out) and not is_our_folder(out) and not _only_temporary_shards(out):
         raise UserError(
             f"--out {out} is not empty and was not written by demucs-dist shard (no manifest.json of ours): "
             "refusing to write or delete anything in it; choose a new or empty folder"

@@ -11,7 +11,7 @@ import hashlib
 import itertools
 import os
 import random
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,7 +228,7 @@ def read_song(track) -> Song:
 
 def read_songs_ahead(
     tracks: Mapping[str, Any], names: Iterable[str], ahead: int
-) -> Iterator[tuple[str, Song | UserError]]:
+) -> Generator[tuple[str, Song | UserError], None, None]:
     """(name, Song) of each of `names` in order, or (name, the UserError that reading it raised).
 
     Up to `ahead` songs are decoded in background threads while the caller works on the current
