@@ -48,7 +48,7 @@ from .apply import apply_model, loss_function, normalize, song_seed
 from .audio import write_wav
 from .config import ApplyConfig, option, parse
 from .errors import UserError, run_main
-from .files import FolderLock, atomic_path, holds_only_locks, sha256_of
+from .files import FolderLock, atomic_path, check_folder_is_ours, sha256_of
 from .model import Demucs
 from .modelfile import read_model_file
 from .progress import progress_bar
@@ -166,13 +166,9 @@ def check_out(out: str | os.PathLike) -> None:
     a non-empty folder of another program's (no run.json of ours: scores are never written, nor
     .scratch deleted, there), found before any song is inferred."""
     path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder")
-    if path.is_dir() and not holds_only_locks(path) and not (path / "run.json").is_file():
-        raise UserError(
-            f"--out {out} is not empty and holds no scores of demucs-dist (no run.json): "
-            "refusing to write into it; choose a new or empty folder"
-        )
+    check_folder_is_ours(
+        path, "--out", lambda folder: (folder / "run.json").is_file(), "holds no scores of demucs-dist (no run.json)"
+    )
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: cannot write in {existing} (read-only?)")

@@ -8,7 +8,7 @@ import fcntl
 import hashlib
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -90,6 +90,14 @@ class FolderLock:
         self.release()
 
 
-def holds_only_locks(folder: str | os.PathLike) -> bool:
-    """Whether a folder is empty but for a lock file (a run killed before it wrote anything)."""
-    return all(path.name == LOCK_NAME for path in Path(folder).iterdir())
+def check_folder_is_ours(folder: Path, option: str, is_ours: Callable[[Path], bool], not_ours: str) -> None:
+    """UserError (one line) unless `folder`, the value of `option`, is new, empty but for a lock
+    (a run killed before it wrote anything), or `is_ours`: a folder a run writes and deletes in
+    must never be another program's. `not_ours` says what is missing, for the error."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{option} {folder} is a file, not a folder")
+    if folder.is_dir() and any(path.name != LOCK_NAME for path in folder.iterdir()) and not is_ours(folder):
+        raise UserError(
+            f"{option} {folder} is not empty and {not_ours}: refusing to write or delete anything in it; "
+            "choose a new or empty folder"
+        )

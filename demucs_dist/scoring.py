@@ -48,6 +48,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -130,48 +131,54 @@ def _with_left_out(scores: Mapping, kept: list[int], sources: int, windows: int)
     return full
 
 
-def score_song(name: str, references: np.ndarray, estimates: np.ndarray, samplerate: int):
-    """museval (bss_eval v4, 1 s windows and hops) of four (sources, channels, samples) arrays.
-
-    Returns a museval.TrackStore with one target per source, in SOURCES order. A source silent
-    throughout (`silent_sources`) is left out of museval's call and gets NaN frames, instead of
-    museval refusing the whole song.
-    """
-    import museval
-
+def _score_audible(name: str, references, estimates, samplerate: int, score_kept) -> tuple[Any, dict[str, str]]:
+    """(TrackStore, left out) of one song: `score_kept(kept, window)` scores the sources at the
+    indices `kept` (those not silent throughout), the others get NaN frames. The one place both
+    scorers apply the silent-source rule."""
     from .bss import window_count
-
-    window = int(WINDOW_SECONDS * samplerate)
-    left_out = silent_sources(np.asarray(references), np.asarray(estimates))
-    kept = [i for i, source in enumerate(SOURCES) if source not in left_out]
-    windows = window_count(np.shape(references)[-1], window, window)
-    scores: Mapping = {}
-    if kept:
-        # museval wants (sources, samples, channels), float64.
-        refs = np.asarray(references, dtype=np.float64)[kept].transpose(0, 2, 1)
-        ests = np.asarray(estimates, dtype=np.float64)[kept].transpose(0, 2, 1)
-        sdr, isr, sir, sar = museval.evaluate(refs, ests, win=window, hop=window)
-        scores = {"SDR": sdr, "ISR": isr, "SIR": sir, "SAR": sar}
-    return track_store(name, _with_left_out(scores, kept, len(SOURCES), windows))
-
-
-def score_song_torch(name: str, references, estimates, samplerate: int, device=None):
-    """The same TrackStore as `score_song`, computed by demucs_dist.bss (torch) on `device`
-    (default: where `references` are). references, estimates: arrays or tensors
-    (sources, channels, samples). A source silent throughout is left out, as in `score_song`."""
-    import torch
-
-    from .bss import bss_eval_v4, window_count
 
     window = int(WINDOW_SECONDS * samplerate)
     left_out = silent_sources(references, estimates)
     kept = [i for i, source in enumerate(SOURCES) if source not in left_out]
     windows = window_count(references.shape[-1], window, window)
-    scores: Mapping = {}
-    if kept:
+    scores = score_kept(kept, window) if kept else {}
+    return track_store(name, _with_left_out(scores, kept, len(SOURCES), windows)), left_out
+
+
+def score_song(name: str, references: np.ndarray, estimates: np.ndarray, samplerate: int):
+    """museval (bss_eval v4, 1 s windows and hops) of four (sources, channels, samples) arrays.
+
+    Returns (a museval.TrackStore with one target per source, in SOURCES order, {source: why} of
+    the sources left out). A source silent throughout (`silent_sources`) is left out of museval's
+    call and gets NaN frames, instead of museval refusing the whole song.
+    """
+    import museval
+
+    references, estimates = np.asarray(references), np.asarray(estimates)
+
+    def score_kept(kept: list[int], window: int) -> dict:
+        # museval wants (sources, samples, channels), float64.
+        refs = references[kept].astype(np.float64).transpose(0, 2, 1)
+        ests = estimates[kept].astype(np.float64).transpose(0, 2, 1)
+        sdr, isr, sir, sar = museval.evaluate(refs, ests, win=window, hop=window)
+        return {"SDR": sdr, "ISR": isr, "SIR": sir, "SAR": sar}
+
+    return _score_audible(name, references, estimates, samplerate, score_kept)
+
+
+def score_song_torch(name: str, references, estimates, samplerate: int, device=None):
+    """The same (TrackStore, left out) as `score_song`, computed by demucs_dist.bss (torch) on
+    `device` (default: where `references` are). references, estimates: arrays or tensors
+    (sources, channels, samples)."""
+    import torch
+
+    from .bss import bss_eval_v4
+
+    def score_kept(kept: list[int], window: int) -> dict:
         refs, ests = torch.as_tensor(references)[kept], torch.as_tensor(estimates)[kept]
-        scores = bss_eval_v4(refs, ests, window_samples=window, device=device).numpy()
-    return track_store(name, _with_left_out(scores, kept, len(SOURCES), windows))
+        return bss_eval_v4(refs, ests, window_samples=window, device=device).numpy()
+
+    return _score_audible(name, references, estimates, samplerate, score_kept)
 
 
 def write_song_json(path: str | os.PathLike, store, extra: Mapping) -> None:
@@ -197,8 +204,7 @@ def run_score_job(job: ScoreJob) -> float:
     """Score one song, write its json, log it and delete its arrays. Returns museval's seconds."""
     start = time.perf_counter()
     arrays = np.load(job.arrays_path)
-    store = score_song(job.name, arrays[0], arrays[1], job.samplerate)
-    left_out = silent_sources(arrays[0], arrays[1])
+    store, left_out = score_song(job.name, arrays[0], arrays[1], job.samplerate)
     del arrays
     seconds = time.perf_counter() - start
     extra = {**job.extra, "scorer": "museval", "museval_seconds": round(seconds, 3)}
@@ -408,7 +414,7 @@ class DeviceScorer:
         self._bar.total += 1
         start = time.perf_counter()
         try:
-            store = score_song_torch(name, references, estimates, samplerate, self.device)
+            store, left_out = score_song_torch(name, references, estimates, samplerate, self.device)
         except UserError as error:
             self.failures[name] = str(error)
             return
@@ -416,7 +422,6 @@ class DeviceScorer:
             self._bar.update(1)
         seconds = time.perf_counter() - start
         self.seconds += seconds
-        left_out = silent_sources(references, estimates)
         extra = {**extra, "scorer": "torch", "scoring_seconds": round(seconds, 3)}
         write_song_json(json_path, store, {**extra, **({"left_out": left_out} if left_out else {})})
         log_event(out, "scored", name)

@@ -39,7 +39,7 @@ from .distributed import make_accelerator
 from .ema import EMA
 from .errors import UserError, run_main
 from .faults import Faults
-from .files import FolderLock, atomic_path, holds_only_locks
+from .files import FolderLock, atomic_path, check_folder_is_ours
 from .model import Demucs, center_trim
 from .modelfile import save_model
 from .progress import progress_bar
@@ -664,13 +664,10 @@ def run_config(model_cfg: ModelConfig, cfg: TrainConfig, augment: AugmentConfig,
 def check_run_dir(run_dir: Path) -> None:
     """--logdir must be new, empty, or a run folder of ours (its config.json): --restart deletes
     checkpoints there and a run writes into it. UserError (one line) otherwise."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--logdir {run_dir} is a file, not a folder")
-    if run_dir.is_dir() and not holds_only_locks(run_dir) and not (run_dir / "config.json").is_file():
-        raise UserError(
-            f"--logdir {run_dir} is not empty and holds no run of demucs-dist train (no config.json): "
-            "refusing to write into it; choose a new or empty folder"
-        )
+    check_folder_is_ours(
+        run_dir, "--logdir", lambda folder: (folder / "config.json").is_file(),
+        "holds no run of demucs-dist train (no config.json)",
+    )  # fmt: skip
 
 
 def check_same_model(run_dir: Path, model_cfg: ModelConfig, checkpoints: Checkpoints) -> None:

@@ -49,7 +49,7 @@ import soundfile
 from .. import AUDIO_CHANNELS, SAMPLERATE, SOURCES, available_cpus
 from ..config import ModelConfig, option, parse
 from ..errors import UserError, run_main
-from ..files import LOCK_NAME, FolderLock, atomic_path, holds_only_locks, sha256_of
+from ..files import LOCK_NAME, FolderLock, atomic_path, check_folder_is_ours, sha256_of
 from ..model import valid_length
 from ..progress import progress_bar
 from ..scoring import die_with_parent
@@ -445,10 +445,13 @@ def _our_manifest(out: Path) -> dict | None:
 
 def is_our_folder(out: Path) -> bool:
     """Whether `out` holds shards written by `demucs-dist shard`: our manifest.json, or (a first
-    run killed before writing its manifest) one of our sidecars."""
+    run killed before writing its manifest) one of our sidecars, or (killed before its first
+    shard was complete) nothing but our temporary shard files."""
     if (out / MANIFEST).exists():
         return _our_manifest(out) is not None
-    return any(_our_sidecar(path) for split in ("train", "valid") for path in sorted((out / split).glob("*.tar.json")))
+    if any(_our_sidecar(path) for split in ("train", "valid") for path in sorted((out / split).glob("*.tar.json"))):
+        return True
+    return _only_temporary_shards(out)
 
 
 def _only_temporary_shards(out: Path) -> bool:
@@ -468,17 +471,11 @@ def check_out_folder(out: Path) -> None:
     """`--out` must be a new or empty folder, or one this program wrote (`is_our_folder`): the
     writer deletes stale shards and replaces manifest.json there, which in another program's
     webdataset folder would destroy its files. UserError (one line) otherwise."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder")
+    check_folder_is_ours(out, "--out", is_our_folder, "was not written by demucs-dist shard (no manifest.json of ours)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create --out {out}: {exc.strerror or exc}") from None
-    if not holds_only_locks(out) and not is_our_folder(out) and not _only_temporary_shards(out):
-        raise UserError(
-            f"--out {out} is not empty and was not written by demucs-dist shard (no manifest.json of ours): "
-            "refusing to write or delete anything in it; choose a new or empty folder"
-        )
     for folder in (out, out / "train", out / "valid"):
         if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
             raise UserError(f"--out {out}: cannot write in {folder} (read-only?)")
