@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,14 @@ def synth_shards(synth_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
     main(["--musdb", str(synth_root), "--is-wav", "--out", str(out), *SHARD_ARGS])
     return out
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist, one torch thread per worker: the workers already fill the cores, and two
+    processes of 2 OpenMP threads each on 2 busy cores spin at every barrier (a tiny model's steps
+    measured 5x slower, 15x with two more busy processes: enough to time out a training fixture)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
