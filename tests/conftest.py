@@ -1,15 +1,26 @@
-"""Shared data fixtures: one small synthetic MUSDB dataset per test session (it takes ~2 s)."""
+"""Shared data fixtures: one small synthetic MUSDB dataset per test session (it takes ~2 s).
+
+Costly fixtures are session-scoped, in the test modules too: pytest-xdist interleaves modules on a
+worker, and a module-scoped fixture is built again each time its module comes back."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import pytest
-import torch
-from helpers import SHARD_ARGS
+# pytest-xdist workers share the cores with each other and with the processes the tests start.
+# Set before torch and numpy load (each reads these once): OpenMP threads waiting at a barrier
+# sleep instead of spinning, and numpy's BLAS keeps to one thread. The processes tests start
+# inherit the wait policy; the product's own thread settings still apply in them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from demucs_dist.data.synth import synthesize
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from helpers import SHARD_ARGS  # noqa: E402
+
+from demucs_dist.data.synth import synthesize  # noqa: E402
 
 # Small enough for fast tests, long enough for several chunks of a 0.5 s training segment.
 SYNTH_SONGS = dict(train=4, valid=2, test=1, seconds=5.0)
@@ -33,10 +44,16 @@ def synth_shards(synth_root, tmp_path_factory) -> Path:
 
 def pytest_configure(config) -> None:
     """Under pytest-xdist, one torch thread per worker: the workers already fill the cores, and two
-    processes of 2 OpenMP threads each on 2 busy cores spin at every barrier (a tiny model's steps
+    processes of 2 OpenMP threads each on 2 busy cores wait at every barrier (a tiny model's steps
     measured 5x slower, 15x with two more busy processes: enough to time out a training fixture)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Slow tests first: under pytest-xdist the long multi-process runs start early and the many
+    short tests fill the end, so that the workers finish together."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(autouse=True)

@@ -24,6 +24,7 @@ import soundfile
 import torch
 from helpers import SHARD_ARGS, TINY, cpu_env, launch_command, run
 
+from demucs_dist.cli import main as cli_main
 from demucs_dist.modelfile import FORMAT
 
 TRAIN = [*TINY, "--global-batch", "8", "--max-device-batch", "2", "--workers", "0", "--timeout", "20"]
@@ -41,7 +42,7 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in re.split(r"[\r\n]", stderr) if line.startswith("error:")]  # \r: progress bars
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def small_root(synth_root, tmp_path_factory) -> Path:
     """Four songs of the synthetic MUSDB root (wav layout); cases copy it and damage one file."""
     root = tmp_path_factory.mktemp("small") / "musdb"
@@ -219,26 +220,31 @@ def save(path: Path, package: dict) -> Path:
     return path
 
 
+@pytest.mark.parametrize("name", [name for name, case in CASES.items() if not case.launched])
+def test_bad_input_is_one_clear_line(name, small_root, synth_shards, tmp_path, monkeypatch, capfd):
+    """`demucs-dist` run in this process (a traceback would fail the test; test_debug_shows_the_traceback
+    and the launched cases run it as a command)."""
+    argv, env = CASES[name].make(tmp_path, small_root, synth_shards)
+    for key, value in {"ACCELERATE_USE_CPU": "1", **env}.items():
+        monkeypatch.setenv(key, value)
+    code = cli_main([str(arg) for arg in argv])
+    stderr = capfd.readouterr().err
+    errors = error_lines(stderr)
+    assert code == 2 and len(errors) == 1, stderr[-3000:]
+    assert CASES[name].message in errors[0], errors
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_is_one_clear_line(name, small_root, synth_shards, tmp_path):
+@pytest.mark.parametrize("name", [name for name, case in CASES.items() if case.launched])
+def test_bad_input_under_a_launcher_is_one_clear_line_per_rank(name, small_root, synth_shards, tmp_path):
     case = CASES[name]
     argv, env = case.make(tmp_path, small_root, synth_shards)
-    if case.launched:
-        result = run(argv, cpu_env(**env), timeout=120)
-    else:
-        result = cli(*argv, env=env)
-    errors = error_lines(result.stderr)
-    if case.launched:
-        # Each rank prints the line and exits 2; the launcher then reports the failed child with its
-        # own traceback (torch.distributed.elastic's ChildFailedError), none from demucs_dist's code.
-        # The two ranks write to one pipe, so their lines may run together: count the messages.
-        assert result.returncode != 0 and result.stderr.count(f"error: {case.message}") == 2, result.stderr[-3000:]
-        assert 'demucs_dist/train.py", line' not in result.stderr
-    else:
-        assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
-        assert "Traceback" not in result.stderr
-        assert case.message in errors[0], errors
+    result = run(argv, cpu_env(**env), timeout=120)
+    # Each rank prints the line and exits 2; the launcher then reports the failed child with its
+    # own traceback (torch.distributed.elastic's ChildFailedError), none from demucs_dist's code.
+    # The two ranks write to one pipe, so their lines may run together: count the messages.
+    assert result.returncode != 0 and result.stderr.count(f"error: {case.message}") == 2, result.stderr[-3000:]
+    assert 'demucs_dist/train.py", line' not in result.stderr
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -134,7 +134,7 @@ def test_block_correlations_equal_direct_sums():
             np.testing.assert_allclose(got.numpy(), expected, atol=1e-9 * samples, err_msg=f"{samples}, {block}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_source_song():
     """2 stereo sources, 3.6 s (3 windows, the partial 4th dropped) with the silence cases:
     window 1: source 1 silent (zeros); window 2: estimate 0 with L = -R (silent by museval's sum);
@@ -148,7 +148,7 @@ def two_source_song():
     return references, estimates
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_source_museval(two_source_song):
     return museval_scores(*two_source_song, RATE)
 
@@ -227,7 +227,7 @@ def test_cuda_gives_the_cpu_numbers(two_source_song):
 # The cases that matter, at full size: 4 stereo sources, museval's 4096 x 4096 systems
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def synth_song():
     """A 3 s synthetic song (its drums and vocals start late: silent first windows)."""
     from demucs_dist.data.synth import synth_song as make
@@ -312,7 +312,7 @@ def test_stereo_song_shorter_than_one_window():
     assert expected["SDR"].shape == (4, 1)  # museval scores the whole song as one window
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def musdb_clip():
     """The real MUSDB18 clip that ships with stempeg (6 s, AAC: band-limited, so its Gram matrix
     is ill-conditioned), decoded by musdb through this project's reader."""

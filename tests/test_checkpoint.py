@@ -63,7 +63,7 @@ def test_lstm_weights_sharing_one_storage_survive_save_and_load(tmp_path):
         assert torch.equal(value, saved[name]), name
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def one_epoch(synth_shards, tmp_path_factory):
     """A finished 1-epoch run with checkpoints at steps 4 and 6 (kept: the newest 2)."""
     logdir = tmp_path_factory.mktemp("epoch") / "run"

@@ -57,7 +57,7 @@ def table_numbers(stdout):
     return rows
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def model_file(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "tiny.th"
@@ -65,7 +65,7 @@ def model_file(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def eval_root(tmp_path_factory):
     return synthesize(tmp_path_factory.mktemp("synth"), train=0, valid=0, test=len(SYNTH_SONGS), seconds=3.0)
 
@@ -74,14 +74,14 @@ def common_args(model_file, eval_root, out):
     return ["--model", model_file, "--musdb", eval_root, "--is-wav", "--out", out, "--shifts", 2, "--timeout", 120]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def one_process(model_file, eval_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("one") / "eval"
     stdout = run(common_args(model_file, eval_root, out) + ["--workers", 2, "--no-progress"])
     return out, stdout
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_processes(model_file, eval_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("two") / "eval"
     # progress on, a line per update: what a job log (not a terminal) gets
@@ -198,7 +198,7 @@ def test_killed_run_rerun_scores_every_song_exactly_once(model_file, eval_root, 
     assert not list(out.glob(".scratch/*")), "no arrays left behind"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def clip_root(tmp_path_factory):
     """The real MUSDB18 clip that ships with stempeg, in a MUSDB18 folder (.stem.mp4)."""
     root = tmp_path_factory.mktemp("clip")
@@ -207,7 +207,7 @@ def clip_root(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def clip_run(model_file, clip_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("clip_eval") / "eval"
     main(["--model", str(model_file), "--musdb", str(clip_root), "--out", str(out), "--shifts", "2"]

@@ -211,7 +211,7 @@ def song_folder(root: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def silent_bass_root(tmp_path_factory) -> Path:
     """One 3 s test song whose bass is all zeros (an instrumental-style song without bass); the
     mixture is still the exact sum of its stems."""
@@ -302,7 +302,7 @@ def test_museval_scorer_leaves_the_silent_stem_out_like_the_torch_scorer(silent_
             np.testing.assert_allclose(a, b, atol=0.01, equal_nan=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_datasets(tmp_path_factory) -> tuple[Path, Path]:
     """Two wav roots with the same song names and different audio (MUSDB18 vs MUSDB18-HQ, say)."""
     from demucs_dist.data.synth import synthesize

@@ -209,7 +209,7 @@ def test_a_brace_pattern_trains_on_the_named_shards(synth_shards):
 MIX_SONGS, CROPS, GROUP = 16, 4, 4
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mixing_shards(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("mixing")
     root = synthesize(work / "musdb", train=MIX_SONGS, valid=1, test=0, seconds=3.5, seed=1)

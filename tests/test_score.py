@@ -26,12 +26,12 @@ SONGS = ["Synth Test 000", "Synth Test 001"]
 SHORTER, LONGER = 1000, 700  # samples
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def musdb_root(tmp_path_factory) -> Path:
     return synthesize(tmp_path_factory.mktemp("musdb"), train=0, valid=0, test=len(SONGS), seconds=2.5)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def estimates_root(musdb_root, tmp_path_factory) -> tuple[Path, dict]:
     """<root>/test/<song>/<source>.wav. Song 0: float stereo files LONGER samples too long. Song 1:
     16-bit files SHORTER samples too short, vocals in mono. Returns (root, {song: raw (sources,
@@ -71,7 +71,7 @@ def frames(document: dict) -> np.ndarray:
     return np.array([[[f["metrics"][m] for f in t["frames"]] for m in METRICS] for t in document["targets"]])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def torch_run(musdb_root, estimates_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("scored") / "torch"
     main(score_args(musdb_root, estimates_root[0], out, "--device", "cpu"))

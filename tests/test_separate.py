@@ -24,12 +24,12 @@ REPO = Path(__file__).resolve().parents[1]
 SUM_TOLERANCE = 0.5  # relative L2 error of the stems' sum; see trained_model
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def train_root(tmp_path_factory):
     return synthesize(tmp_path_factory.mktemp("synth"), train=4, valid=0, test=1, seconds=6.0, seed=1)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained_model(train_root, tmp_path_factory):
     """A tiny Demucs trained for 100 steps (~5 s) on the synthetic songs with a plain loop.
 
@@ -66,7 +66,7 @@ def trained_model(train_root, tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def untrained_model(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "untrained.th"
@@ -74,7 +74,7 @@ def untrained_model(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def test_mixture(train_root):
     """An unseen song's stereo 44.1 kHz mixture."""
     return read_song(open_tracks(train_root, is_wav=True, subset="test")[0]).mix

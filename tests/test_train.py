@@ -51,11 +51,11 @@ def run_probe(out: Path, shards: Path, logdir: Path, *extra: str, env: dict | No
     return result, [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_epochs(synth_shards, tmp_path_factory):
     """One uninterrupted 2-epoch run on 2 processes."""
     work = tmp_path_factory.mktemp("train")
-    result, ranks = run_probe(work / "probe", synth_shards, work / "run", "--epochs", "2")
+    result, ranks = run_probe(work / "probe", synth_shards, work / "run", "--epochs", "2", "--valid-sdr")
     return work, result, ranks
 
 
@@ -168,7 +168,7 @@ def test_validation_reports_the_median_sdr_of_the_songs(synth_shards, tmp_path):
     """valid/SDR/<source>: per song museval's median SDR over 1 s windows (bss.song_median_sdr,
     itself checked against museval in test_bss) on the song's own scale, then the median over
     songs; "All" the mean of the sources. Recomputed here from last.th, by hand."""
-    result = run(single_step_command(synth_shards, tmp_path), cpu_env())
+    result = run(single_step_command(synth_shards, tmp_path, "--valid-sdr"), cpu_env())
     assert result.returncode == 0, result.stderr[-3000:]
     model = load_model(tmp_path / "last.th")
     per_song = []
@@ -185,7 +185,7 @@ def test_validation_reports_the_median_sdr_of_the_songs(synth_shards, tmp_path):
     assert "SDR " in result.stdout  # the epoch line
 
     off = tmp_path / "off"
-    result = run(single_step_command(synth_shards, off, "--no-valid-sdr"), cpu_env())
+    result = run(single_step_command(synth_shards, off), cpu_env())  # TINY: --no-valid-sdr
     assert result.returncode == 0, result.stderr[-3000:]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
