@@ -1,4 +1,5 @@
-"""Errors that are the user's to fix: the command line prints them as one line, no traceback."""
+"""How a command ends: errors that are the user's to fix as one line (no traceback), SIGTERM and
+Ctrl-C as clean stops, and pool workers that die with the process that started them."""
 
 from __future__ import annotations
 
@@ -67,3 +68,19 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """Pool worker initializer: have the kernel kill this worker when its parent process dies
+    (Linux's PR_SET_PDEATHSIG; elsewhere nothing), so that a killed `shard` or `evaluate` leaves
+    no worker blocked on its task queue, or scoring into `--out`, for good. `parent`: the pid
+    the worker was started from; if it is already gone (it died before the call), exit now."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)

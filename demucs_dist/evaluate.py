@@ -38,7 +38,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,8 +47,9 @@ from . import SOURCES
 from .apply import apply_model, loss_function, normalize, song_seed
 from .audio import write_wav
 from .config import ApplyConfig, option, parse
+from .data.songs import dataset_identity, read_songs_ahead, select_tracks
 from .errors import UserError, run_main
-from .files import FolderLock, atomic_path, check_folder_is_ours, sha256_of
+from .files import FolderLock, atomic_path, sha256_of
 from .model import Demucs
 from .modelfile import read_model_file
 from .progress import progress_bar
@@ -58,6 +59,8 @@ from .scoring import (
     ScoringPool,
     aggregate,
     check_compare,
+    check_out,
+    check_run_file,
     default_workers,
     format_table,
     left_out_note,
@@ -118,34 +121,6 @@ class EvaluateConfig:
 # Checks made before any rank starts working
 
 
-class TrackSelection(Protocol):
-    """The options `select_tracks` reads (EvaluateConfig's, and score.ScoreConfig's)."""
-
-    musdb: str
-    is_wav: bool
-    subset: str
-    songs: list[str]
-
-
-def select_tracks(config: TrackSelection) -> list:
-    """The musdb tracks to score, by name; UserError for unknown names or an empty selection."""
-    from .data.songs import open_tracks
-
-    if not config.musdb:
-        raise UserError("--musdb is required: the MUSDB18 root folder")
-    tracks = open_tracks(config.musdb, config.is_wav, config.subset)
-    wanted = list(config.songs)
-    if len(wanted) == 1 and os.path.isfile(wanted[0]):
-        wanted = [line.strip() for line in Path(wanted[0]).read_text().splitlines() if line.strip()]
-    if not wanted:
-        return tracks
-    names = {t.name for t in tracks}
-    unknown = [w for w in wanted if w not in names]
-    if unknown:
-        raise UserError(f"songs not found in {config.musdb}/{config.subset}: {', '.join(unknown)}")
-    return [t for t in tracks if t.name in wanted]
-
-
 def check_config(config: EvaluateConfig) -> None:
     if bool(config.model) == bool(config.baseline):
         raise UserError("give either --model FILE or --baseline mixture")
@@ -159,38 +134,6 @@ def check_config(config: EvaluateConfig) -> None:
     check_compare(config.compare)
     if not config.loss:  # the loss the model was trained (and validated) with
         config.loss = read_model_file(config.model)["info"].get("loss", "l1") if config.model else "l1"
-
-
-def check_out(out: str | os.PathLike) -> None:
-    """UserError (one line) for an `--out` that is a file, a folder this process cannot write, or
-    a non-empty folder of another program's (no run.json of ours: scores are never written, nor
-    .scratch deleted, there), found before any song is inferred."""
-    path = Path(out)
-    check_folder_is_ours(
-        path, "--out", lambda folder: (folder / "run.json").is_file(), "holds no scores of demucs-dist (no run.json)"
-    )
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: cannot write in {existing} (read-only?)")
-
-
-def dataset_identity(musdb: str, is_wav: bool, tracks: Mapping) -> dict[str, Any]:
-    """What the scores depend on in the dataset: its root (absolute), its format and every song's
-    audio fingerprint (`songs.song_identity`: sizes and hashes of the first and last MB). MUSDB18
-    and MUSDB18-HQ have the same song names: without this, scores of one would be reported as
-    the other's."""
-    from .data.songs import song_identity
-
-    def identity(track) -> str:
-        try:
-            return song_identity(track)
-        except (UserError, OSError) as exc:  # reported as that song's failure when it is read
-            return f"unreadable: {exc}"
-
-    return {
-        "dataset": {"root": os.path.abspath(musdb), "format": "wav" if is_wav else "stems"},
-        "songs": {name: identity(track) for name, track in tracks.items()},
-    }
 
 
 def run_identity(config: EvaluateConfig, apply_config: ApplyConfig, tracks: Mapping | None = None) -> dict:
@@ -211,50 +154,6 @@ def run_identity(config: EvaluateConfig, apply_config: ApplyConfig, tracks: Mapp
     if tracks is not None:
         identity.update(dataset_identity(config.musdb, config.is_wav, tracks))
     return identity
-
-
-def check_run_file(out: Path, identity: Mapping) -> dict:
-    """Refuse to add scores of another model, other settings, another dataset or changed audio (of
-    a song scored there) to an existing output folder; UserError naming run.json if it is not ours
-    (corrupt). A run.json from before dataset fingerprints is accepted with a note. Returns the
-    identity to write back: this one, its "songs" merged with those of the earlier runs (a rerun
-    may score more songs)."""
-    path = out / "run.json"
-    if not path.is_file():
-        return dict(identity)
-    try:
-        previous = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise UserError(f"{path} is not a run.json written by demucs-dist ({exc}): {_START_OVER}") from None
-    if not isinstance(previous, dict):
-        raise UserError(f"{path} is not a run.json written by demucs-dist: {_START_OVER}")
-    older = "songs" in identity and "songs" not in previous  # written before run.json recorded the dataset
-    if older:
-        print(f"note: {path} predates dataset fingerprints: the dataset of its scores cannot be checked", flush=True)
-    checked = {k: v for k, v in identity.items() if k != "songs" and not (older and k == "dataset")}
-    changed = [f"{k}: {previous.get(k)} -> {v}" for k, v in checked.items() if previous.get(k) != v]
-    if changed:
-        raise UserError(f"{out} holds scores made with other settings ({'; '.join(changed)}); {_START_OVER}")
-    merged = dict(identity)
-    if "songs" in identity and not older:
-        songs = previous.get("songs")
-        if not isinstance(songs, dict):
-            raise UserError(f"{path} records no song fingerprints (a damaged run.json): {_START_OVER}")
-        new = identity["songs"]
-        subset = str(identity.get("subset", "test"))
-        scored = {name for name in new if song_json_path(out, subset, name).is_file()}
-        differ = sorted(name for name in scored if name in songs and songs[name] != new[name])
-        if differ:
-            raise UserError(
-                f"the audio of {len(differ)} song(s) changed since they were scored in {out} "
-                f"({', '.join(differ[:3])}{'...' if len(differ) > 3 else ''}): their scores would be stale; "
-                f"{_START_OVER}"
-            )
-        merged["songs"] = {**songs, **new}
-    return merged
-
-
-_START_OVER = "use another --out, or delete it to start over"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,8 +223,6 @@ def infer_and_score(
 ) -> tuple[list[str], dict[str, str]]:
     """Infer each of this rank's songs (decoded `--read-ahead` songs ahead) and hand it to
     `scorer`, counting each on the progress `bar`. Returns (inferred, failures)."""
-    from .data.songs import read_songs_ahead
-
     out = Path(config.out)
     inferred, failures = [], {}
     # closing: on an error, the decodes still queued are dropped at once, not finished first

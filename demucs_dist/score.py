@@ -33,8 +33,8 @@ import torch
 
 from . import SOURCES
 from .config import option, parse
+from .data.songs import check_rate, dataset_identity, file_identity, read_song, select_tracks
 from .errors import UserError, run_main
-from .evaluate import check_out, check_run_file, dataset_identity, select_tracks
 from .files import FolderLock, atomic_path
 from .progress import progress_bar
 from .scoring import (
@@ -43,6 +43,8 @@ from .scoring import (
     ScoringPool,
     aggregate,
     check_compare,
+    check_out,
+    check_run_file,
     default_workers,
     left_out_note,
     read_song_json,
@@ -111,8 +113,6 @@ def check_estimates(config: ScoreConfig, names: Sequence[str]) -> None:
 def read_estimates(config: ScoreConfig, name: str, channels: int, samples: int) -> np.ndarray:
     """A song's estimates as float32 (sources, channels, samples), padded or cut to `samples`
     (museval's pad_or_truncate); a mono file is used for every channel."""
-    from .data.songs import check_rate
-
     stems = []
     for path in estimate_paths(config, name):
         try:
@@ -155,8 +155,6 @@ def run_identity(config: ScoreConfig, tracks: Mapping) -> dict:
     """What the scores in `--out` depend on: the estimates folder, subset, loss, the dataset, and
     per song the fingerprints of its reference audio and of its four estimate files, so that
     changed references or changed estimates are never reported with their old scores."""
-    from .data.songs import file_identity
-
     identity: dict[str, Any] = {
         "estimates": os.path.abspath(config.estimates),
         "subset": config.subset,
@@ -185,8 +183,6 @@ def score(config: ScoreConfig) -> dict:
 
 def score_locked(config: ScoreConfig, tracks: Mapping, identity: Mapping, started: float) -> dict:
     """`score` once the --out folder is locked (a second scoring into it stops, naming this one)."""
-    from .data.songs import read_song
-
     out = Path(config.out)
     with atomic_path(out / "run.json") as tmp:
         tmp.write_text(json.dumps(identity, indent=2))

@@ -53,7 +53,8 @@ from typing import Any
 import numpy as np
 
 from . import SOURCES, available_cpus
-from .files import atomic_path
+from .errors import UserError, die_with_parent
+from .files import atomic_path, check_folder_is_ours
 from .progress import progress_bar
 
 METRICS = ("SDR", "SIR", "ISR", "SAR")  # the rows of the results table, in this order
@@ -181,9 +182,10 @@ def score_song_torch(name: str, references, estimates, samplerate: int, device=N
     return _score_audible(name, references, estimates, samplerate, score_kept)
 
 
-def write_song_json(path: str | os.PathLike, store, extra: Mapping) -> None:
-    """Write a TrackStore's json with our `extra` key, atomically."""
-    store.scores[EXTRA_KEY] = dict(extra)
+def write_song_json(path: str | os.PathLike, store, extra: Mapping, left_out: Mapping | None = None) -> None:
+    """Write a TrackStore's json with our `extra` key, atomically; `left_out` ({source: why}, the
+    silent sources not scored) is recorded there when there are any."""
+    store.scores[EXTRA_KEY] = {**extra, **({"left_out": dict(left_out)} if left_out else {})}
     with atomic_path(path) as tmp:
         tmp.write_text(store.json)
 
@@ -208,7 +210,7 @@ def run_score_job(job: ScoreJob) -> float:
     del arrays
     seconds = time.perf_counter() - start
     extra = {**job.extra, "scorer": "museval", "museval_seconds": round(seconds, 3)}
-    write_song_json(job.json_path, store, {**extra, **({"left_out": left_out} if left_out else {})})
+    write_song_json(job.json_path, store, extra, left_out)
     log_event(job.out, "scored", job.name)
     os.unlink(job.arrays_path)
     return seconds
@@ -216,23 +218,6 @@ def run_score_job(job: ScoreJob) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # The pool
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def die_with_parent(parent: int | None = None) -> None:
-    """Pool worker initializer: have the kernel kill this worker when its parent process dies
-    (Linux's PR_SET_PDEATHSIG; elsewhere nothing), so that a killed `shard` or `evaluate` leaves
-    no worker blocked on its task queue, or scoring into `--out`, for good. `parent`: the pid
-    the worker was started from; if it is already gone (it died before the call), exit now."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    if parent is not None and os.getppid() != parent:
-        os._exit(1)
 
 
 def default_workers(processes_on_node: int, cpus: int | None = None, memory_bytes: int | None = None) -> int:
@@ -409,8 +394,6 @@ class DeviceScorer:
         extra: Mapping,
     ) -> None:
         """Score a song now: (sources, channels, samples) arrays or tensors."""
-        from .errors import UserError
-
         self._bar.total += 1
         start = time.perf_counter()
         try:
@@ -423,7 +406,7 @@ class DeviceScorer:
         seconds = time.perf_counter() - start
         self.seconds += seconds
         extra = {**extra, "scorer": "torch", "scoring_seconds": round(seconds, 3)}
-        write_song_json(json_path, store, {**extra, **({"left_out": left_out} if left_out else {})})
+        write_song_json(json_path, store, extra, left_out)
         log_event(out, "scored", name)
         self.scored.append(name)
 
@@ -465,6 +448,15 @@ def _nanmedian(values: Iterable[float]) -> float:
         return float(np.nanmedian(values))
 
 
+def median_over_songs(per_song: Iterable[Sequence[float]]) -> dict[str, float]:
+    """{source: the median over songs (NaN songs left out), "All": the mean of the sources} of
+    per-song values in SOURCES order: museval's EvalStore(tracks_agg="median"), the 2019 table's
+    aggregation, for evaluate's tables and for validation's SDR alike."""
+    rows = [list(row) for row in per_song]
+    by_source = {source: _nanmedian(row[i] for row in rows) for i, source in enumerate(SOURCES)}
+    return {**by_source, "All": float(np.mean(list(by_source.values())))}
+
+
 def aggregate(documents: Mapping[str, Mapping]) -> dict:
     """The evaluation's numbers from the songs' json documents ({song: document}).
 
@@ -472,10 +464,8 @@ def aggregate(documents: Mapping[str, Mapping]) -> dict:
     loss is the mean over its samples), "songs": {song: {"loss": .., source: {metric: ..}}}}.
     """
     per_song = {name: frame_medians(doc) for name, doc in sorted(documents.items())}
-    scores: dict[str, dict[str, float]] = {}
-    for source in SOURCES:
-        scores[source] = {m: _nanmedian(song[source][m] for song in per_song.values()) for m in METRICS}
-    scores["All"] = {m: float(np.mean([scores[s][m] for s in SOURCES])) for m in METRICS}
+    by_metric = {m: median_over_songs([song[s][m] for s in SOURCES] for song in per_song.values()) for m in METRICS}
+    scores = {column: {m: by_metric[m][column] for m in METRICS} for column in TABLE_COLUMNS}
     losses = [doc.get(EXTRA_KEY, {}).get("loss", float("nan")) for doc in documents.values()]
     songs = {
         name: {"loss": documents[name].get(EXTRA_KEY, {}).get("loss"), **medians} for name, medians in per_song.items()
@@ -506,8 +496,6 @@ def left_out_note(results: Mapping) -> str:
 def check_compare(paths: Sequence[str]) -> None:
     """UserError (one line) for a --compare path that is not a results.json of ours: checked
     before any work, not after the whole evaluation."""
-    from .errors import UserError
-
     for path in paths:
         if not os.path.isfile(path):
             raise UserError(f"--compare: no results file {path}")
@@ -515,6 +503,63 @@ def check_compare(paths: Sequence[str]) -> None:
             load_results(path)["scores"]["All"]["SDR"]
         except (OSError, ValueError, KeyError, TypeError):
             raise UserError(f"--compare: {path} is not a results.json written by demucs-dist evaluate") from None
+
+
+def check_out(out: str | os.PathLike) -> None:
+    """UserError (one line) for an `--out` that is a file, a folder this process cannot write, or
+    a non-empty folder of another program's (no run.json of ours: scores are never written, nor
+    .scratch deleted, there), found before any song is inferred."""
+    path = Path(out)
+    check_folder_is_ours(
+        path, "--out", lambda folder: (folder / "run.json").is_file(), "holds no scores of demucs-dist (no run.json)"
+    )
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: cannot write in {existing} (read-only?)")
+
+
+def check_run_file(out: Path, identity: Mapping) -> dict:
+    """Refuse to add scores of another model, other settings, another dataset or changed audio (of
+    a song scored there) to an existing output folder; UserError naming run.json if it is not ours
+    (corrupt). A run.json from before dataset fingerprints is accepted with a note. Returns the
+    identity to write back: this one, its "songs" merged with those of the earlier runs (a rerun
+    may score more songs)."""
+    path = out / "run.json"
+    if not path.is_file():
+        return dict(identity)
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{path} is not a run.json written by demucs-dist ({exc}): {_START_OVER}") from None
+    if not isinstance(previous, dict):
+        raise UserError(f"{path} is not a run.json written by demucs-dist: {_START_OVER}")
+    older = "songs" in identity and "songs" not in previous  # written before run.json recorded the dataset
+    if older:
+        print(f"note: {path} predates dataset fingerprints: the dataset of its scores cannot be checked", flush=True)
+    checked = {k: v for k, v in identity.items() if k != "songs" and not (older and k == "dataset")}
+    changed = [f"{k}: {previous.get(k)} -> {v}" for k, v in checked.items() if previous.get(k) != v]
+    if changed:
+        raise UserError(f"{out} holds scores made with other settings ({'; '.join(changed)}); {_START_OVER}")
+    merged = dict(identity)
+    if "songs" in identity and not older:
+        songs = previous.get("songs")
+        if not isinstance(songs, dict):
+            raise UserError(f"{path} records no song fingerprints (a damaged run.json): {_START_OVER}")
+        new = identity["songs"]
+        subset = str(identity.get("subset", "test"))
+        scored = {name for name in new if song_json_path(out, subset, name).is_file()}
+        differ = sorted(name for name in scored if name in songs and songs[name] != new[name])
+        if differ:
+            raise UserError(
+                f"the audio of {len(differ)} song(s) changed since they were scored in {out} "
+                f"({', '.join(differ[:3])}{'...' if len(differ) > 3 else ''}): their scores would be stale; "
+                f"{_START_OVER}"
+            )
+        merged["songs"] = {**songs, **new}
+    return merged
+
+
+_START_OVER = "use another --out, or delete it to start over"
 
 
 def save_results(out: Path, results: Mapping, compare: Sequence[str] = ()) -> str:

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import SOURCES
 from .apply import apply_model, loss_function
-from .bss import nanmedian, song_median_sdr
+from .bss import song_median_sdr
 from .checkpoint import Checkpoints, Progress, weights_are_finite
 from .config import ModelConfig, option, parse
 from .data.augment import AugmentConfig, augment_step, step_generator
@@ -43,6 +43,7 @@ from .files import FolderLock, atomic_path, check_folder_is_ours
 from .model import Demucs, center_trim
 from .modelfile import save_model
 from .progress import progress_bar
+from .scoring import median_over_songs
 from .tblog import log_hparams, log_separation, peak_memory_bytes
 
 VALID_MAX_SAMPLES = 15_000_000  # validation uses each song's first 15M samples, as the 2019 code did
@@ -416,15 +417,8 @@ def validate(run: Run, log_audio: bool = False, score: bool = False) -> tuple[fl
     model.train()
     if total[1] == 0:
         raise UserError("the shards hold no validation songs")
-    sdr = median_sdr(gather_object(song_sdrs)) if score else {}
+    sdr = median_over_songs(song.tolist() for song in gather_object(song_sdrs)) if score else {}
     return (total[0] / total[1]).item(), sdr
-
-
-def median_sdr(song_sdrs: list[torch.Tensor]) -> dict[str, float]:
-    """{source: median over songs, "All": mean of the sources} of per-song (sources,) SDRs: the
-    aggregation of museval's EvalStore (and of `evaluate`'s tables)."""
-    per_source = nanmedian(torch.stack(song_sdrs).T)
-    return {**dict(zip(SOURCES, per_source.tolist())), "All": per_source.mean().item()}
 
 
 def end_epoch(run: Run, train_loss: float, valid: dict[str, float], sdr: dict[str, float], seconds: float) -> None:

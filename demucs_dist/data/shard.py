@@ -48,11 +48,10 @@ import soundfile
 
 from .. import AUDIO_CHANNELS, SAMPLERATE, SOURCES, available_cpus
 from ..config import ModelConfig, option, parse
-from ..errors import UserError, run_main
+from ..errors import UserError, die_with_parent, run_main
 from ..files import LOCK_NAME, FolderLock, atomic_path, check_folder_is_ours, sha256_of
 from ..model import valid_length
 from ..progress import progress_bar
-from ..scoring import die_with_parent
 from .manifest import (
     MANIFEST,
     MANIFEST_VERSION,

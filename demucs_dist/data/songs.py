@@ -15,7 +15,7 @@ from collections.abc import Generator, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import soundfile
@@ -262,3 +262,47 @@ def read_songs_ahead(
         finally:  # the caller stopped early (an error): drop what was not started
             for _, future in pending:
                 future.cancel()
+
+
+class TrackSelection(Protocol):
+    """The options `select_tracks` reads (evaluate's and score's configs)."""
+
+    musdb: str
+    is_wav: bool
+    subset: str
+    songs: list[str]
+
+
+def select_tracks(config: TrackSelection) -> list:
+    """The musdb tracks to score, by name; UserError for unknown names or an empty selection."""
+    if not config.musdb:
+        raise UserError("--musdb is required: the MUSDB18 root folder")
+    tracks = open_tracks(config.musdb, config.is_wav, config.subset)
+    wanted = list(config.songs)
+    if len(wanted) == 1 and os.path.isfile(wanted[0]):
+        wanted = [line.strip() for line in Path(wanted[0]).read_text().splitlines() if line.strip()]
+    if not wanted:
+        return tracks
+    names = {t.name for t in tracks}
+    unknown = [w for w in wanted if w not in names]
+    if unknown:
+        raise UserError(f"songs not found in {config.musdb}/{config.subset}: {', '.join(unknown)}")
+    return [t for t in tracks if t.name in wanted]
+
+
+def dataset_identity(musdb: str, is_wav: bool, tracks: Mapping) -> dict[str, Any]:
+    """What the scores depend on in the dataset: its root (absolute), its format and every song's
+    audio fingerprint (`songs.song_identity`: sizes and hashes of the first and last MB). MUSDB18
+    and MUSDB18-HQ have the same song names: without this, scores of one would be reported as
+    the other's."""
+
+    def identity(track) -> str:
+        try:
+            return song_identity(track)
+        except (UserError, OSError) as exc:  # reported as that song's failure when it is read
+            return f"unreadable: {exc}"
+
+    return {
+        "dataset": {"root": os.path.abspath(musdb), "format": "wav" if is_wav else "stems"},
+        "songs": {name: identity(track) for name, track in tracks.items()},
+    }
