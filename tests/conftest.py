@@ -6,6 +6,7 @@ worker, and a module-scoped fixture is built again each time its module comes ba
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 # pytest-xdist workers share the cores with each other and with the processes the tests start.
@@ -18,7 +19,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import SHARD_ARGS  # noqa: E402
+from helpers import SHARD_ARGS, build_once, keep_output, kept_output, run_probe  # noqa: E402
 
 from demucs_dist.data.synth import synthesize  # noqa: E402
 
@@ -29,7 +30,8 @@ SYNTH_SONGS = dict(train=4, valid=2, test=1, seconds=5.0)
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
     """A MUSDB18-HQ (wav) layout: 4 train + 2 valid songs in train/, 1 song in test/, 5 s each."""
-    return synthesize(tmp_path_factory.mktemp("synth") / "musdb", fmt="wav", seed=0, **SYNTH_SONGS)
+    folder = build_once(tmp_path_factory, "synth", lambda f: synthesize(f / "musdb", fmt="wav", seed=0, **SYNTH_SONGS))
+    return folder / "musdb"
 
 
 @pytest.fixture(scope="session")
@@ -37,9 +39,23 @@ def synth_shards(synth_root, tmp_path_factory) -> Path:
     """Shards of `synth_root` written with SHARD_ARGS (lean chunking, float16, z-scored)."""
     from demucs_dist.data.shard import main
 
-    out = tmp_path_factory.mktemp("shards")
-    main(["--musdb", str(synth_root), "--is-wav", "--out", str(out), *SHARD_ARGS])
-    return out
+    def build(out: Path) -> None:
+        main(["--musdb", str(synth_root), "--is-wav", "--out", str(out), *SHARD_ARGS])
+
+    return build_once(tmp_path_factory, "shards", build)
+
+
+@pytest.fixture(scope="session")
+def two_epochs(synth_shards, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, list[dict]]:
+    """One uninterrupted 2-epoch run on 2 processes (helpers.REFERENCE_RUN): its work folder (the
+    run in run/), its output and each rank's final state. Resumed runs are compared with it."""
+
+    def build(work: Path) -> None:
+        result, _ = run_probe(work / "probe", synth_shards, work / "run", "--epochs", "2")
+        keep_output(result, work / "output")
+
+    work = build_once(tmp_path_factory, "two_epochs", build)
+    return work, kept_output(work / "output"), [torch.load(work / "probe" / f"rank{rank}.pt") for rank in (0, 1)]
 
 
 def pytest_configure(config) -> None:

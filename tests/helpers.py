@@ -5,10 +5,13 @@ Imported as `from helpers import ...` (pytest puts the tests folder on sys.path)
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -22,6 +25,25 @@ TINY = [*TINY_MODEL, "--segment", "0.5", "--shift", "0.25", "--no-valid-sdr"]
 # Shard options for tests: 0.5 s segments (+0.25 s shift) and ~2 chunks per shard, so the
 # 4 training songs give 8 shards: enough for 2 ranks x 2 workers.
 SHARD_ARGS = ["--segment", "0.5", "--shift", "0.25", "--shard-size", "3", "--workers", "1"]
+
+
+def build_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """The folder `name`, filled by `build(folder)` once per test run however many pytest-xdist
+    workers ask for it (each worker has its own session fixtures): the first builds it under a
+    lock, in the temporary folder the workers share; the others wait and reuse it. For costly
+    fixtures whose tests only read them."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this run
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
 
 
 def free_port() -> str:
@@ -61,9 +83,46 @@ def run(command: list, env: dict | None = None, timeout: float = 240) -> subproc
     return subprocess.run([str(c) for c in command], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def keep_output(result: subprocess.CompletedProcess, path: Path) -> None:
+    """Write a finished process's exit code and output next to `path` (for `build_once` fixtures)."""
+    for suffix, text in ((".rc", str(result.returncode)), (".stdout", result.stdout), (".stderr", result.stderr)):
+        path.with_suffix(suffix).write_text(text)
+
+
+def kept_output(path: Path) -> subprocess.CompletedProcess:
+    """What `keep_output` wrote, as the CompletedProcess it came from (args left out)."""
+    code, stdout, stderr = (path.with_suffix(suffix).read_text() for suffix in (".rc", ".stdout", ".stderr"))
+    return subprocess.CompletedProcess([], int(code), stdout, stderr)
+
+
 def output(result: subprocess.CompletedProcess) -> str:
     """The tail of a finished process's output, for assertion messages."""
     return result.stdout[-3000:] + result.stderr[-3000:]
+
+
+PROBE = Path(__file__).with_name("train_probe.py")
+# global batch 8 over 2 processes holding at most 2 each: gradient accumulation 2
+BATCHING = ["--global-batch", "8", "--max-device-batch", "2", "--workers", "1", "--timeout", "60"]
+# The options of the uninterrupted 2-epoch run (conftest's `two_epochs`) and of every run whose
+# weights are compared with it: 4 optimizer steps an epoch, a checkpoint every 2, two averages.
+REFERENCE_RUN = [*TINY, *BATCHING, "--valid-sdr", "--ema", "0.5", "0.9", "--checkpoint-every", "2"]
+
+
+def run_probe(out: Path, shards: Path, logdir: Path, *extra: str, processes: int = 2, env: dict | None = None,
+              check: bool = True):  # fmt: skip
+    """Train with REFERENCE_RUN's options (then `extra`) through tests/train_probe.py, which saves each
+    rank's final state; returns (CompletedProcess, [state of each rank]), no states if it failed."""
+    out.mkdir(parents=True, exist_ok=True)
+    args = [PROBE, out, "--shards", shards, "--logdir", logdir, *REFERENCE_RUN, *extra]
+    command = launch_command(args, processes, launcher="accelerate" if processes > 1 else "python")
+    result = run(command, cpu_env(processes, DEMUCS_DIST_PROGRESS_SECONDS="0", **(env or {})))
+    if check:
+        assert result.returncode == 0, output(result)
+    if result.returncode != 0:
+        return result, []
+    import torch
+
+    return result, [torch.load(out / f"rank{rank}.pt") for rank in range(processes)]
 
 
 def scalars(logdir: Path, tag: str) -> list[tuple[int, float]]:

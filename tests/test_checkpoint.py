@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import TINY, cpu_env, launch_command, output, run, tiny_model
+from helpers import TINY, build_once, cpu_env, launch_command, output, run, tiny_model
 
 from demucs_dist.checkpoint import Checkpoints, Progress
 from demucs_dist.errors import UserError
@@ -66,9 +66,12 @@ def test_lstm_weights_sharing_one_storage_survive_save_and_load(tmp_path):
 @pytest.fixture(scope="session")
 def one_epoch(synth_shards, tmp_path_factory):
     """A finished 1-epoch run with checkpoints at steps 4 and 6 (kept: the newest 2)."""
-    logdir = tmp_path_factory.mktemp("epoch") / "run"
-    result = train(synth_shards, logdir, "--epochs", "1", "--checkpoint-every", "2")
-    assert result.returncode == 0, output(result)
+
+    def build(work: Path) -> None:
+        result = train(synth_shards, work / "run", "--epochs", "1", "--checkpoint-every", "2")
+        assert result.returncode == 0, output(result)
+
+    logdir = build_once(tmp_path_factory, "one_epoch", build) / "run"
     assert sorted(p.name for p in (logdir / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
     return logdir
 

@@ -7,6 +7,7 @@ channel), so the songs are few and short and the scored folders are shared betwe
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 import soundfile
 import stempeg
 import torch
-from helpers import tiny_model
+from helpers import build_once, keep_output, kept_output, tiny_model
 
 from demucs_dist import SOURCES
 from demucs_dist.apply import normalize, song_seed
@@ -59,15 +60,18 @@ def table_numbers(stdout):
 
 @pytest.fixture(scope="session")
 def model_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.th"
-    save_model(tiny_model(), path)
-    return path
+    def build(folder: Path) -> None:
+        torch.manual_seed(0)
+        save_model(tiny_model(), folder / "tiny.th")
+
+    return build_once(tmp_path_factory, "model", build) / "tiny.th"
 
 
 @pytest.fixture(scope="session")
 def eval_root(tmp_path_factory):
-    return synthesize(tmp_path_factory.mktemp("synth"), train=0, valid=0, test=len(SYNTH_SONGS), seconds=3.0)
+    return build_once(
+        tmp_path_factory, "eval_songs", lambda f: synthesize(f, train=0, valid=0, test=len(SYNTH_SONGS), seconds=3.0)
+    )
 
 
 def common_args(model_file, eval_root, out):
@@ -76,22 +80,30 @@ def common_args(model_file, eval_root, out):
 
 @pytest.fixture(scope="session")
 def one_process(model_file, eval_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("one") / "eval"
-    stdout = run(common_args(model_file, eval_root, out) + ["--workers", 2, "--no-progress"])
-    return out, stdout
+    """An evaluation in one process (2 museval workers): its --out and stdout. Tests only read it."""
+
+    def build(work: Path) -> None:
+        result = run(common_args(model_file, eval_root, work / "eval") + ["--workers", 2, "--no-progress"], full=True)
+        keep_output(result, work / "output")
+
+    work = build_once(tmp_path_factory, "one_process", build)
+    return work / "eval", kept_output(work / "output").stdout
 
 
 @pytest.fixture(scope="session")
 def two_processes(model_file, eval_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("two") / "eval"
-    # progress on, a line per update: what a job log (not a terminal) gets
-    result = run(
-        common_args(model_file, eval_root, out) + ["--workers", 1], 2, full=True, DEMUCS_DIST_PROGRESS_SECONDS="0"
-    )
-    return out, result.stdout + result.stderr
+    """The same under launch/evaluate.sh in 2 processes: its --out and stdout + stderr."""
+
+    def build(work: Path) -> None:
+        # progress on, a line per update: what a job log (not a terminal) gets
+        args = common_args(model_file, eval_root, work / "eval") + ["--workers", 1]
+        keep_output(run(args, 2, full=True, DEMUCS_DIST_PROGRESS_SECONDS="0"), work / "output")
+
+    work = build_once(tmp_path_factory, "two_processes", build)
+    result = kept_output(work / "output")
+    return work / "eval", result.stdout + result.stderr
 
 
-@pytest.mark.slow
 def test_job_log_has_plain_progress_lines_of_each_rank(two_processes):
     _, log = two_processes
     assert "\r" not in log
@@ -162,8 +174,9 @@ def test_printed_table_is_museval_evalstore_aggregate(one_process):
     assert f"| L1 loss | {np.mean(losses):.3f} |" in stdout
 
 
-def test_rerun_with_every_song_scored_does_no_inference(one_process, model_file, eval_root):
-    out, first_stdout = one_process
+def test_rerun_with_every_song_scored_does_no_inference(one_process, model_file, eval_root, tmp_path):
+    out = Path(shutil.copytree(one_process[0], tmp_path / "eval"))  # others read one_process meanwhile
+    first_stdout = one_process[1]
     json_times = {p: p.stat().st_mtime_ns for p in (out / "test").glob("*.json")}
     events_before = read_events(out)
     stdout = run(common_args(model_file, eval_root, out) + ["--no-progress"])

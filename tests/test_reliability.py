@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, cpu_env, launch_command, output, run, scalars
+from helpers import TINY, build_once, cpu_env, keep_output, kept_output, launch_command, output, run, run_probe, scalars
 
 from demucs_dist.modelfile import load_model
 
@@ -89,20 +89,56 @@ def test_consecutive_nonfinite_steps_stop_the_run_without_a_bad_checkpoint(synth
     assert all(torch.isfinite(p).all() for p in load_model(tmp_path / "last.th").parameters())
 
 
-def test_killed_rank_stops_the_job_and_a_relaunch_resumes(synth_shards, tmp_path):
-    """SIGKILL of rank 1 after step 3 under accelerate launch: the launcher tears the job down (no
-    hang); the relaunch resumes from the step-2 checkpoint and applies each step exactly once."""
-    kill = {"DEMUCS_DIST_FAULT_KILL": "1:3"}
-    result, seconds = train(synth_shards, tmp_path, "--checkpoint-every", "2", fault=kill)
-    assert result.returncode != 0 and seconds < FAILED_JOB_BOUND, output(result)
-    assert "rank 1 kills itself at step 3" in result.stderr
-    assert checkpoints(tmp_path) == ["step-00000002"]
+@pytest.fixture(scope="session")
+def killed_in_epoch_two(synth_shards, tmp_path_factory):
+    """The reference run's options (conftest's `two_epochs`: 4 steps an epoch, a checkpoint every 2)
+    in two launches that stop early: --epochs 1, which finishes, then --epochs 2, in which rank 1
+    SIGKILLs itself after step 7 (the newest checkpoint: step 6, mid-epoch). Returns the run folder,
+    both launches' output and the seconds the killed one took."""
 
-    resumed, _ = train(synth_shards, tmp_path, "--checkpoint-every", "2")
-    assert resumed.returncode == 0, output(resumed)
-    assert "resuming from" in resumed.stdout and "step-00000002 (epoch 0, step 2)" in resumed.stdout
-    assert adam_steps(tmp_path / "checkpoints" / f"step-{STEPS:08d}") == {STEPS}
-    assert [step for step, _ in scalars(tmp_path, "train/loss")] == list(range(1, STEPS + 1))
+    def build(work: Path) -> None:
+        first, _ = run_probe(work / "first", synth_shards, work / "run", "--epochs", "1")
+        keep_output(first, work / "first")
+        start = time.monotonic()
+        kill = {"DEMUCS_DIST_FAULT_KILL": "1:7"}
+        killed, _ = run_probe(work / "killed", synth_shards, work / "run", "--epochs", "2", "--timeout", "20",
+                              env=kill, check=False)  # fmt: skip
+        keep_output(killed, work / "killed")
+        (work / "seconds").write_text(str(time.monotonic() - start))
+
+    work = build_once(tmp_path_factory, "killed_in_epoch_two", build)
+    seconds = float((work / "seconds").read_text())
+    return work / "run", kept_output(work / "first"), kept_output(work / "killed"), seconds
+
+
+def test_killed_rank_stops_the_job_and_a_relaunch_ends_as_if_uninterrupted(
+    killed_in_epoch_two, two_epochs, synth_shards, tmp_path
+):
+    """A finished 1-epoch run relaunched with --epochs 2 goes on at epoch 2. SIGKILL of rank 1 there,
+    under accelerate launch: the launcher tears the job down (no hang). The relaunch resumes from
+    the step-6 checkpoint and ends bit-identical to the uninterrupted run on both ranks, weights and
+    averages (CPU ops and gloo's all-reduce are deterministic), each step applied and logged once."""
+    killed_run, first, killed, seconds = killed_in_epoch_two
+    assert "epoch 1/1" in first.stdout
+    assert killed.returncode != 0 and seconds < FAILED_JOB_BOUND, output(killed)
+    assert "rank 1 kills itself at step 7" in killed.stderr
+    assert "resuming from" in killed.stdout and "epoch 1/2" not in killed.stdout  # epoch 1 is not redone
+    run = tmp_path / "run"
+    shutil.copytree(killed_run, run)
+    assert checkpoints(run) == ["step-00000004", "step-00000006"]
+
+    resumed, ranks = run_probe(tmp_path / "resumed", synth_shards, run, "--epochs", "2")
+    assert "step-00000006 (epoch 1, step 6)" in resumed.stdout and "epoch 2/2" in resumed.stdout
+    _, _, uninterrupted = two_epochs
+    for rank, (state, reference) in enumerate(zip(ranks, uninterrupted)):
+        assert state["step"] == reference["step"] == 8
+        for name, tensor in reference["state"].items():
+            assert torch.equal(state["state"][name], tensor), (rank, name)
+        for average, values in reference["ema"].items():
+            for name, tensor in values.items():
+                assert torch.equal(state["ema"][average][name], tensor), (rank, average, name)
+    assert adam_steps(run / "checkpoints" / "step-00000008") == {8}
+    assert [step for step, _ in scalars(run, "train/loss")] == list(range(1, 9))
 
 
 def test_kill_during_a_checkpoint_write_keeps_the_previous_one(synth_shards, tmp_path):
@@ -113,7 +149,7 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(synth_shards, tmp
     assert checkpoints(tmp_path) == [".partial-step-00000004", "step-00000002"]
     assert (tmp_path / "checkpoints" / ".partial-step-00000004" / "optimizer.bin").exists()  # written, not complete
 
-    resumed, _ = train(synth_shards, tmp_path, "--checkpoint-every", "2")
+    resumed, _ = train(synth_shards, tmp_path, "--checkpoint-every", "2", processes=1)  # one process is enough
     assert resumed.returncode == 0, output(resumed)
     assert "step-00000002 (epoch 0, step 2)" in resumed.stdout
     assert not [name for name in checkpoints(tmp_path) if name.startswith(".partial")]
@@ -194,19 +230,20 @@ def test_shards_hold_every_chunk_and_song_once(synth_shards):
     assert keys and max(keys.values()) == 1
 
 
-def test_resume_under_another_world_size_or_global_batch_trains_the_rest_once(synth_shards, tmp_path):
+def test_resume_under_another_world_size_or_global_batch_trains_the_rest_once(
+    killed_in_epoch_two, synth_shards, tmp_path
+):
     """A SLURM requeue on another node count, or a relaunch with another --global-batch: the
-    mid-epoch checkpoint (16 of 48 examples) resumes with the remaining 32 examples drawn anew."""
-    result, _ = train(synth_shards, tmp_path / "a", "--checkpoint-every", "2", fault={"DEMUCS_DIST_FAULT_KILL": "1:3"})
-    assert result.returncode != 0 and checkpoints(tmp_path / "a") == ["step-00000002"], output(result)
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    mid-epoch checkpoint (16 of epoch 2's 32 examples) resumes with the other 16 drawn anew."""
+    killed_run = killed_in_epoch_two[0]
+    for name in ("a", "b"):
+        shutil.copytree(killed_run, tmp_path / name)
 
-    one_process, _ = train(synth_shards, tmp_path / "a", processes=1)  # 8 per step: 4 more steps
-    assert one_process.returncode == 0 and "32 examples, is drawn anew in 4 steps" in one_process.stdout, output(
-        one_process
-    )
-    assert adam_steps(tmp_path / "a" / "checkpoints" / f"step-{STEPS:08d}") == {STEPS}
+    one_process, _ = run_probe(tmp_path / "probe-a", synth_shards, tmp_path / "a", "--epochs", "2", processes=1)
+    assert "16 examples, is drawn anew in 2 steps" in one_process.stdout  # 8 per step
+    assert adam_steps(tmp_path / "a" / "checkpoints" / "step-00000008") == {8}
 
-    bigger_batch, _ = train(synth_shards, tmp_path / "b", "--global-batch", "16")  # 16 per step: 2 more steps
-    assert bigger_batch.returncode == 0 and "drawn anew in 2 steps" in bigger_batch.stdout, output(bigger_batch)
-    assert adam_steps(tmp_path / "b" / "checkpoints" / "step-00000004") == {4}
+    smaller_batch, _ = run_probe(tmp_path / "probe-b", synth_shards, tmp_path / "b", "--epochs", "2",
+                                 "--global-batch", "4")  # fmt: skip
+    assert "drawn anew in 4 steps" in smaller_batch.stdout  # 4 per step
+    assert adam_steps(tmp_path / "b" / "checkpoints" / "step-00000010") == {10}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from helpers import tiny_model
+from helpers import build_once, tiny_model
 
 from demucs_dist.apply import normalize
 from demucs_dist.data.songs import open_tracks, read_song
@@ -26,7 +26,9 @@ SUM_TOLERANCE = 0.5  # relative L2 error of the stems' sum; see trained_model
 
 @pytest.fixture(scope="session")
 def train_root(tmp_path_factory):
-    return synthesize(tmp_path_factory.mktemp("synth"), train=4, valid=0, test=1, seconds=6.0, seed=1)
+    return build_once(
+        tmp_path_factory, "separate_songs", lambda f: synthesize(f, train=4, valid=0, test=1, seconds=6.0, seed=1)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -39,31 +41,33 @@ def trained_model(train_root, tmp_path_factory):
     split. Longer training barely improves that number at this size, so the test allows 0.5,
     which no untrained model reaches.
     """
-    torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(0)
-    model = tiny_model(channels=8)
-    songs = []
-    for track in open_tracks(train_root, is_wav=True, subset="train"):
-        song = read_song(track)
-        mix, mean, std = normalize(torch.from_numpy(song.mix))
-        songs.append((mix, (torch.from_numpy(song.sources) - mean) / std))
-    length = 44100
-    input_length = model.valid_length(length)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(100):
-        inputs, targets = [], []
-        for _ in range(4):  # random 1 s crops
-            mix, sources = songs[torch.randint(len(songs), (1,), generator=generator).item()]
-            start = torch.randint(mix.shape[-1] - input_length, (1,), generator=generator).item()
-            inputs.append(mix[:, start : start + input_length])
-            targets.append(center_trim(sources[..., start : start + input_length], length))
-        loss = (center_trim(model(torch.stack(inputs)), length) - torch.stack(targets)).abs().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    path = tmp_path_factory.mktemp("model") / "trained.th"
-    save_model(model.eval(), path, steps=100)
-    return path
+
+    def build(folder: Path) -> None:
+        torch.manual_seed(0)
+        generator = torch.Generator().manual_seed(0)
+        model = tiny_model(channels=8)
+        songs = []
+        for track in open_tracks(train_root, is_wav=True, subset="train"):
+            song = read_song(track)
+            mix, mean, std = normalize(torch.from_numpy(song.mix))
+            songs.append((mix, (torch.from_numpy(song.sources) - mean) / std))
+        length = 44100
+        input_length = model.valid_length(length)
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(100):
+            inputs, targets = [], []
+            for _ in range(4):  # random 1 s crops
+                mix, sources = songs[torch.randint(len(songs), (1,), generator=generator).item()]
+                start = torch.randint(mix.shape[-1] - input_length, (1,), generator=generator).item()
+                inputs.append(mix[:, start : start + input_length])
+                targets.append(center_trim(sources[..., start : start + input_length], length))
+            loss = (center_trim(model(torch.stack(inputs)), length) - torch.stack(targets)).abs().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        save_model(model.eval(), folder / "trained.th", steps=100)
+
+    return build_once(tmp_path_factory, "trained_model", build) / "trained.th"
 
 
 @pytest.fixture(scope="session")
