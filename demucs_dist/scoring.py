@@ -338,8 +338,12 @@ class ScoringPool:
 
     def close(self) -> None:
         """Wait for every queued song and stop the workers."""
-        if self._pending:
-            self._collect(wait(self._pending).done)
+        try:
+            if self._pending:
+                self._collect(wait(self._pending).done)
+        except BaseException:  # Ctrl-C or SIGTERM during the last songs: stop at once, as __exit__ does
+            self.terminate()
+            raise
         self._executor.shutdown()
         self._bar.close()
 

@@ -413,20 +413,30 @@ def descendants(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_a_stopped_evaluation_leaves_no_worker_writing_into_out(synth_root, tmp_path, stop):
+@pytest.mark.parametrize(
+    "stop, inferred, scored",
+    [(signal.SIGTERM, 1, 0), (signal.SIGINT, 3, 1)],
+    ids=["SIGTERM while songs are inferred", "Ctrl-C while the last songs are scored"],
+)
+def test_a_stopped_evaluation_leaves_no_worker_writing_into_out(synth_root, tmp_path, stop, inferred, scored):
     """With museval workers busy scoring, stop the evaluation: it and every process it started end
-    within seconds (Ctrl-C used to take ~25 s, and after SIGTERM a worker went on writing scores)."""
-    root = synthesize_songs(tmp_path / "musdb", test=3, seconds=8.0)
+    within seconds (Ctrl-C used to take ~25 s, and after SIGTERM a worker went on writing scores).
+    Once every song is inferred and the first is scored, the run is waiting for the pool's last
+    songs (a Ctrl-C there used to wait for them, and they were written)."""
+    root = synthesize_songs(tmp_path / "musdb", test=3, seconds=6.0)
     out = tmp_path / "eval"
     args = [*baseline_args(root, out), "--scorer", "museval", "--workers", "1"]
     process = subprocess.Popen([sys.executable, "-m", "demucs_dist.evaluate", *args], env=cpu_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and "inferred" not in read_text(out / "events.log"):
-            time.sleep(0.05)  # a song has gone to the museval worker
-        time.sleep(1.0)
+        while time.monotonic() < deadline and not (
+            (events := read_text(out / "events.log")).count("\tinferred\t") >= inferred
+            and events.count("\tscored\t") >= scored
+        ):
+            time.sleep(0.05)  # songs have gone to the museval worker
+        assert time.monotonic() < deadline, read_text(out / "events.log")
+        time.sleep(0.5)
         workers = descendants(process.pid)
         assert workers, "the museval pool should be running"
         started = time.monotonic()
@@ -434,10 +444,10 @@ def test_a_stopped_evaluation_leaves_no_worker_writing_into_out(synth_root, tmp_
         process.wait(timeout=20)
         assert time.monotonic() - started < 10
         assert not wait_gone(workers, 10), "a worker outlived the evaluation"
-        scored = sorted((out / "test").glob("*.json")) if (out / "test").exists() else []
+        written = sorted((out / "test").glob("*.json")) if (out / "test").exists() else []
         time.sleep(2.0)
-        assert (sorted((out / "test").glob("*.json")) if (out / "test").exists() else []) == scored
-        assert len(scored) < 3  # stopped before the end: the rest is for a rerun
+        assert (sorted((out / "test").glob("*.json")) if (out / "test").exists() else []) == written
+        assert len(written) < 3  # stopped before the end: the rest is for a rerun
     finally:
         process.kill()
         kill_all(descendants(process.pid))
