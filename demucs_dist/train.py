@@ -90,6 +90,12 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep (at least 1)", minimum=1)
     activation_checkpointing: bool = option(False, "recompute encoder/decoder activations in backward (less memory)")
     compile: bool = option(False, "torch.compile the model (GPU; slow first steps)")
+    compile_backend: str = option(
+        "inductor",
+        "torch.compile's backend with --compile: inductor generates kernels; aot_eager and eager do not "
+        "(to tell a code generation problem from a tracing one, or to check --compile quickly on a CPU)",
+        choices=["inductor", "aot_eager", "eager"],
+    )
     max_nonfinite: int = option(
         20, "stop after this many consecutive steps with non-finite gradients (each skipped)", minimum=1
     )
@@ -587,7 +593,7 @@ def prepare_model(accelerator: Accelerator, model_cfg: ModelConfig, cfg: TrainCo
     # Compiled after prepare: checkpoints hold the plain module's keys (no "_orig_mod."), so a run
     # resumes with or without --compile.
     if cfg.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, backend=cfg.compile_backend)
     return model, bare_model, optimizer
 
 
