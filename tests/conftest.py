@@ -51,7 +51,7 @@ def two_epochs(synth_shards, tmp_path_factory) -> tuple[Path, subprocess.Complet
     run in run/), its output and each rank's final state. Resumed runs are compared with it."""
 
     def build(work: Path) -> None:
-        result, _ = run_probe(work / "probe", synth_shards, work / "run", "--epochs", "2")
+        result, _ = run_probe(work / "probe", synth_shards, work / "run", "--epochs", "2", "--valid-sdr", "--log-audio")
         keep_output(result, work / "output")
 
     work = build_once(tmp_path_factory, "two_epochs", build)

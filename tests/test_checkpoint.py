@@ -20,7 +20,7 @@ from demucs_dist.model import Demucs
 
 pytestmark = pytest.mark.slow  # real multi-process runs: `make test-fast` skips them
 
-FAST = ["--global-batch", "8", "--max-device-batch", "2", "--workers", "0", "--timeout", "30", "--no-log-audio"]
+FAST = ["--global-batch", "8", "--max-device-batch", "2", "--workers", "0", "--timeout", "30"]
 STEPS = 6  # per epoch: 16 examples a pass x --repeat 3 / global batch 8
 
 

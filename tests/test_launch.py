@@ -208,7 +208,7 @@ def test_train_sh_from_another_folder_with_relative_paths(synth_shards, tmp_path
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     env.update(NPROC="1", VENV=str(Path(sys.executable).parents[1]), OMP_NUM_THREADS="1")
     options = ["--shards", "my shards", "--logdir", "runs/a b", *TINY, "--epochs", "1", "--epoch-size", "8",
-               "--repeat", "1", "--global-batch", "4", "--workers", "0", "--no-log-audio"]  # fmt: skip
+               "--repeat", "1", "--global-batch", "4", "--workers", "0"]  # fmt: skip
     result = run(["bash", "-c", f'cd "{tmp_path}" && "{ROOT}/launch/train.sh" "$@"', "_", *options], env)
     assert result.returncode == 0, output(result)
     assert (tmp_path / "runs" / "a b" / "last.th").is_file()

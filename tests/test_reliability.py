@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow  # real multi-process runs: `make test-fast` skips
 
 # 16 examples a pass, --repeat 3: 6 optimizer steps of 8 examples per epoch; a short timeout so a
 # hang would show as a failure within seconds, not the default 10 minutes.
-FAST = ["--global-batch", "8", "--max-device-batch", "2", "--workers", "1", "--timeout", "20", "--no-log-audio"]
+FAST = ["--global-batch", "8", "--max-device-batch", "2", "--workers", "1", "--timeout", "20"]
 STEPS = 6
 HANG_BOUND = 150  # seconds: far above a normal run (~10 s)
 FAILED_JOB_BOUND = 60  # a failed job ends within the 20 s timeout plus a generous startup (~4 s measured)

@@ -105,7 +105,7 @@ def test_world_size_mismatch_fails_loudly(tmp_path):
 def single_step_command(shards: Path, logdir: Path, *extra: str) -> list:
     """One process, one optimizer step of 2 examples, then a validation."""
     options = ["--global-batch", "2", "--max-device-batch", "2", "--workers", "0", "--epochs", "1",
-               "--epoch-size", "2", "--repeat", "1", "--no-log-audio"]  # fmt: skip
+               "--epoch-size", "2", "--repeat", "1"]  # fmt: skip
     command = ["-m", "demucs_dist.train", "--shards", shards, "--logdir", logdir, *TINY, *options, *extra]
     return launch_command(command, launcher="python")
 
