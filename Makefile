@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh
 	@touch $@
 
-# Tests run in parallel processes (pytest-xdist), one per core. Per-test balancing beat keeping
-# each file on one worker (--dist loadfile): 453 s against 503 s on 2 cores.
+# Tests run in parallel processes (pytest-xdist), one per core: ~6 min on 2 cores (docs/benchmarks.md).
+# Per-test balancing beat keeping each file on one worker (--dist loadfile) when compared: 453 s
+# against 503 s.
 PYTEST_PARALLEL ?= -n auto
 
 test: $(STAMP)
