@@ -438,7 +438,9 @@ def end_epoch(run: Run, train_loss: float, valid: dict[str, float], sdr: dict[st
         if accelerator.is_main_process:
             export(run, run.run_dir / "best.th", weights=best_name)
     last_epoch = progress.epoch == run.cfg.epochs
-    if last_epoch or run.checkpoints.due(accelerator):
+    # --checkpoint-every's step at an epoch's end is saved here (the step loop leaves it to us)
+    on_cadence = run.cfg.checkpoint_every > 0 and progress.step % run.cfg.checkpoint_every == 0
+    if last_epoch or on_cadence or run.checkpoints.due(accelerator):  # due() is collective: same on every rank
         if accelerator.is_main_process:
             export(run, run.run_dir / "last.th")
         run.checkpoints.save(accelerator, progress, run.bare_model, run.ema)

@@ -422,7 +422,8 @@ def test_a_stopped_evaluation_leaves_no_worker_writing_into_out(synth_root, tmp_
     """With museval workers busy scoring, stop the evaluation: it and every process it started end
     within seconds (Ctrl-C used to take ~25 s, and after SIGTERM a worker went on writing scores).
     Once every song is inferred and the first is scored, the run is waiting for the pool's last
-    songs (a Ctrl-C there used to wait for them, and they were written)."""
+    songs (a Ctrl-C there used to wait for them, and they were written). (With none scored yet, the
+    run may still be in `submit`, which blocks while 2 songs wait: a stop there takes another path.)"""
     root = synthesize_songs(tmp_path / "musdb", test=3, seconds=6.0)
     out = tmp_path / "eval"
     args = [*baseline_args(root, out), "--scorer", "museval", "--workers", "1"]

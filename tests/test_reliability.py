@@ -91,14 +91,11 @@ def test_consecutive_nonfinite_steps_stop_the_run_without_a_bad_checkpoint(synth
 
 @pytest.fixture(scope="session")
 def killed_in_epoch_two(synth_shards, tmp_path_factory):
-    """The reference run's options (conftest's `two_epochs`: 4 steps an epoch, a checkpoint every 2)
-    in two launches that stop early: --epochs 1, which finishes, then --epochs 2, in which rank 1
-    SIGKILLs itself after step 7 (the newest checkpoint: step 6, mid-epoch). Returns the run folder,
-    both launches' output and the seconds the killed one took."""
+    """The reference run (conftest's `two_epochs`: 2 epochs of 4 steps, a checkpoint every 2) in
+    which rank 1 SIGKILLs itself after step 7: the newest checkpoint is step 6, mid-epoch 2.
+    Returns the run folder, the killed launch's output and the seconds it took."""
 
     def build(work: Path) -> None:
-        first, _ = run_probe(work / "first", synth_shards, work / "run", "--epochs", "1")
-        keep_output(first, work / "first")
         start = time.monotonic()
         kill = {"DEMUCS_DIST_FAULT_KILL": "1:7"}
         killed, _ = run_probe(work / "killed", synth_shards, work / "run", "--epochs", "2", "--timeout", "20",
@@ -108,23 +105,24 @@ def killed_in_epoch_two(synth_shards, tmp_path_factory):
 
     work = build_once(tmp_path_factory, "killed_in_epoch_two", build)
     seconds = float((work / "seconds").read_text())
-    return work / "run", kept_output(work / "first"), kept_output(work / "killed"), seconds
+    return work / "run", kept_output(work / "killed"), seconds
 
 
 def test_killed_rank_stops_the_job_and_a_relaunch_ends_as_if_uninterrupted(
     killed_in_epoch_two, two_epochs, synth_shards, tmp_path
 ):
-    """A finished 1-epoch run relaunched with --epochs 2 goes on at epoch 2. SIGKILL of rank 1 there,
-    under accelerate launch: the launcher tears the job down (no hang). The relaunch resumes from
-    the step-6 checkpoint and ends bit-identical to the uninterrupted run on both ranks, weights and
-    averages (CPU ops and gloo's all-reduce are deterministic), each step applied and logged once."""
-    killed_run, first, killed, seconds = killed_in_epoch_two
-    assert "epoch 1/1" in first.stdout
+    """SIGKILL of rank 1 in epoch 2 under accelerate launch: the launcher tears the job down (no
+    hang). The relaunch resumes from the step-6 checkpoint and ends bit-identical to the
+    uninterrupted run on both ranks, weights and averages (CPU ops and gloo's all-reduce are
+    deterministic), each step applied and logged once. (A finished run relaunched with more
+    epochs, which goes on where it ended: test_checkpoint's test_rank_zero_decides_the_resume_point.)"""
+    killed_run, killed, seconds = killed_in_epoch_two
     assert killed.returncode != 0 and seconds < FAILED_JOB_BOUND, output(killed)
     assert "rank 1 kills itself at step 7" in killed.stderr
-    assert "resuming from" in killed.stdout and "epoch 1/2" not in killed.stdout  # epoch 1 is not redone
+    assert "epoch 1/2" in killed.stdout and "epoch 2/2" not in killed.stdout  # died in epoch 2
     run = tmp_path / "run"
     shutil.copytree(killed_run, run)
+    # every 2 steps, epoch 1's end (step 4) included though --checkpoint-minutes is not due
     assert checkpoints(run) == ["step-00000004", "step-00000006"]
 
     resumed, ranks = run_probe(tmp_path / "resumed", synth_shards, run, "--epochs", "2")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY, cpu_env, launch_command, run, scalars
+from helpers import TINY, build_once, cpu_env, keep_output, kept_output, launch_command, run, scalars
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from demucs_dist import SOURCES
 from demucs_dist.apply import apply_model
@@ -110,16 +111,29 @@ def single_step_command(shards: Path, logdir: Path, *extra: str) -> list:
     return launch_command(command, launcher="python")
 
 
-def test_bf16_training_validates_in_fp32(synth_shards, tmp_path):
+@pytest.fixture(scope="session")
+def bf16_step(synth_shards, tmp_path_factory):
+    """One bf16 step on one process with validation SDR on: its logdir and output."""
+
+    def build(work: Path) -> None:
+        command = single_step_command(synth_shards, work / "run", "--mixed-precision", "bf16", "--valid-sdr")
+        keep_output(run(command, cpu_env()), work / "output")
+
+    work = build_once(tmp_path_factory, "bf16_step", build)
+    result = kept_output(work / "output")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work / "run", result
+
+
+def test_bf16_training_validates_in_fp32(bf16_step, synth_shards):
     """bf16 is allowed on CPU (fp16 is refused: see test_train_plan). The validation loss that picks
     best.th is the 2019 protocol's: each song whole, in one fp32 pass; here recomputed by hand."""
-    result = run(single_step_command(synth_shards, tmp_path, "--mixed-precision", "bf16"), cpu_env())
-    assert result.returncode == 0, result.stderr[-3000:]
+    logdir, result = bf16_step
     assert "mixed precision bf16" in result.stdout and "epoch 1/1" in result.stdout
     # global batch 2 on one process: a step holds 2 examples, fewer than a Remix group of 4
     assert "each process handles 2 example(s) per optimizer step, fewer than a Remix group (4)" in result.stdout
-    model = load_model(tmp_path / "last.th")  # the weights validation ran with (saved after it)
-    assert load_model(tmp_path / "init.th").kwargs == model.kwargs  # the untrained floor
+    model = load_model(logdir / "last.th")  # the weights validation ran with (saved after it)
+    assert load_model(logdir / "init.th").kwargs == model.kwargs  # the untrained floor
     torch.set_num_threads(1)  # as the trainer ran (OMP_NUM_THREADS=1): the same summation order
     losses = []
     for song in valid_songs(str(synth_shards), read_manifest(str(synth_shards)), rank=0, world_size=1):
@@ -129,16 +143,16 @@ def test_bf16_training_validates_in_fp32(synth_shards, tmp_path):
             estimates = model(F.pad(song.mix, (excess // 2, excess - excess // 2))[None])[0]
         losses.append(F.l1_loss(center_trim(estimates, length), song.sources).double())
     reference = torch.stack(losses).mean().float()
-    assert torch.tensor(scalars(tmp_path, "valid/loss")[-1][1]) == reference  # TensorBoard stores float32
+    assert torch.tensor(scalars(logdir, "valid/loss")[-1][1]) == reference  # TensorBoard stores float32
 
 
-def test_validation_reports_the_median_sdr_of_the_songs(synth_shards, tmp_path):
+def test_validation_reports_the_median_sdr_of_the_songs(bf16_step, synth_shards):
     """valid/SDR/<source>: per song museval's median SDR over 1 s windows (bss.song_median_sdr,
     itself checked against museval in test_bss) on the song's own scale, then the median over
-    songs; "All" the mean of the sources. Recomputed here from last.th, by hand."""
-    result = run(single_step_command(synth_shards, tmp_path, "--valid-sdr"), cpu_env())
-    assert result.returncode == 0, result.stderr[-3000:]
-    model = load_model(tmp_path / "last.th")
+    songs; "All" the mean of the sources. Recomputed here from last.th, by hand (in fp32, as
+    validation runs under bf16 training too)."""
+    logdir, result = bf16_step
+    model = load_model(logdir / "last.th")
     per_song = []
     for song in valid_songs(str(synth_shards), read_manifest(str(synth_shards)), rank=0, world_size=1):
         with torch.no_grad():
@@ -148,17 +162,9 @@ def test_validation_reports_the_median_sdr_of_the_songs(synth_shards, tmp_path):
     assert len(per_song) == 2
     expected = np.median(np.stack(per_song), axis=0)  # no NaN song here
     for source, value in zip(SOURCES, expected):
-        assert scalars(tmp_path, f"valid/SDR/{source}")[-1][1] == pytest.approx(value, abs=1e-4)
-    assert scalars(tmp_path, "valid/SDR/All")[-1][1] == pytest.approx(expected.mean(), abs=1e-4)
+        assert scalars(logdir, f"valid/SDR/{source}")[-1][1] == pytest.approx(value, abs=1e-4)
+    assert scalars(logdir, "valid/SDR/All")[-1][1] == pytest.approx(expected.mean(), abs=1e-4)
     assert "SDR " in result.stdout  # the epoch line
-
-    off = tmp_path / "off"
-    result = run(single_step_command(synth_shards, off), cpu_env())  # TINY: --no-valid-sdr
-    assert result.returncode == 0, result.stderr[-3000:]
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    tags = EventAccumulator(str(off)).Reload().Tags()["scalars"]
-    assert "valid/loss" in tags and not [tag for tag in tags if tag.startswith("valid/SDR")]
 
 
 def test_compiled_model_exports_a_loadable_model_file(synth_shards, tmp_path):
@@ -170,6 +176,9 @@ def test_compiled_model_exports_a_loadable_model_file(synth_shards, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     model = load_model(tmp_path / "best.th")
     assert model.kwargs["channels"] == 4
+    # TINY has --no-valid-sdr: validation logs its loss and no SDR
+    tags = EventAccumulator(str(tmp_path)).Reload().Tags()["scalars"]
+    assert "valid/loss" in tags and not [tag for tag in tags if tag.startswith("valid/SDR")]
     weights = torch.load(tmp_path / "checkpoints" / "step-00000001" / "pytorch_model.bin", weights_only=True)
     assert not [key for key in weights if "_orig_mod" in key]
     resumed = run(single_step_command(synth_shards, tmp_path, "--epochs", "2"), cpu_env())
