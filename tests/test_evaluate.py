@@ -133,24 +133,24 @@ def test_two_processes_give_the_same_per_song_scores(one_process, two_processes)
 
 @pytest.mark.slow
 def test_museval_scorer_writes_the_torch_scorers_numbers(one_process, model_file, eval_root, tmp_path):
-    """The same songs, model and seed through `--scorer museval` (museval in a worker pool): the
-    same json documents, every frame within 0.01 dB, and the same table to its printed digits."""
-    out_torch, stdout_torch = one_process
-    out = tmp_path / "eval"
-    stdout = run(common_args(model_file, eval_root, out) + ["--scorer", "museval", "--workers", 1, "--no-progress"])
-    for name in SYNTH_SONGS:
-        a, b = read_song_json(out_torch / "test" / f"{name}.json"), read_song_json(out / "test" / f"{name}.json")
-        assert (a["demucs_dist"]["scorer"], b["demucs_dist"]["scorer"]) == ("torch", "museval")
-        # The same estimates, up to float summation order (the two runs use different thread counts).
-        assert a["demucs_dist"]["loss"] == pytest.approx(b["demucs_dist"]["loss"], rel=1e-5)
-        frames_a = np.array([[f["metrics"][m] for f in t["frames"] for m in METRICS] for t in a["targets"]])
-        frames_b = np.array([[f["metrics"][m] for f in t["frames"] for m in METRICS] for t in b["targets"]])
-        assert frames_a.shape == frames_b.shape
-        np.testing.assert_array_equal(np.isnan(frames_a), np.isnan(frames_b))
-        np.testing.assert_allclose(frames_a, frames_b, atol=0.01, equal_nan=True)
-    printed_torch, printed_museval = table_numbers(stdout_torch), table_numbers(stdout)
-    for metric in METRICS:
-        assert printed_torch[metric] == pytest.approx(printed_museval[metric], abs=0.0105)
+    """One of the songs, the same model and seed through `--scorer museval` (museval in a worker
+    pool): the same json document, every frame within 0.01 dB. (One song: museval costs ~7 s a
+    song; the table is aggregated from these documents whatever the scorer, and
+    test_printed_table_is_museval_evalstore_aggregate checks that against museval's EvalStore.)"""
+    out_torch, _ = one_process
+    out, name = tmp_path / "eval", SYNTH_SONGS[0]
+    run(common_args(model_file, eval_root, out) + ["--scorer", "museval", "--workers", 1, "--no-progress"]
+        + ["--songs", name])  # fmt: skip
+    a, b = read_song_json(out_torch / "test" / f"{name}.json"), read_song_json(out / "test" / f"{name}.json")
+    assert (a["demucs_dist"]["scorer"], b["demucs_dist"]["scorer"]) == ("torch", "museval")
+    # The same estimates, up to float summation order (the two runs use different thread counts).
+    assert a["demucs_dist"]["loss"] == pytest.approx(b["demucs_dist"]["loss"], rel=1e-5)
+    frames_a = np.array([[f["metrics"][m] for f in t["frames"] for m in METRICS] for t in a["targets"]])
+    frames_b = np.array([[f["metrics"][m] for f in t["frames"] for m in METRICS] for t in b["targets"]])
+    assert frames_a.shape == frames_b.shape
+    np.testing.assert_array_equal(np.isnan(frames_a), np.isnan(frames_b))
+    np.testing.assert_allclose(frames_a, frames_b, atol=0.01, equal_nan=True)
+    assert sorted(p.stem for p in (out / "test").glob("*.json")) == [name]
     assert json.loads((out / "results.json").read_text())["scorer"] == "museval"
 
 

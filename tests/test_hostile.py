@@ -237,10 +237,15 @@ def evaluate_process(args: list[str], timeout: float = 180) -> subprocess.Comple
     return run([sys.executable, "-m", "demucs_dist.evaluate", *args], env=cpu_env(), timeout=timeout)
 
 
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, output(result)
-    assert "Traceback" not in result.stderr, output(result)
-    (line,) = [line for line in result.stderr.splitlines() if line.strip()]
+def one_error_line(argv: list[str], capfd) -> str:
+    """`demucs-dist ARGV` run in this process (through the command line's error handling): it
+    exits 2 with one line, `error: ...`, and no traceback. Returns the line."""
+    from demucs_dist.cli import main as cli_main
+
+    code = cli_main(argv)
+    stderr = capfd.readouterr().err
+    assert code == 2 and "Traceback" not in stderr, stderr[-3000:]
+    (line,) = [line for line in stderr.splitlines() if line.strip()]
     assert line.startswith("error: ")
     return line
 
@@ -277,14 +282,14 @@ def test_museval_scorer_leaves_the_silent_stem_out_like_the_torch_scorer(silent_
     import museval
 
     from demucs_dist.data.songs import open_tracks, read_song
+    from demucs_dist.evaluate import main as evaluate_main
 
     song = read_song(open_tracks(silent_bass_root, True, "test")[0])
     with pytest.raises(ValueError, match="silent"):  # museval's own rule: the whole song refused
         museval.metrics.validate(song.sources.transpose(0, 2, 1), song.sources.transpose(0, 2, 1))
 
     torch_out, museval_out = tmp_path / "torch", tmp_path / "museval"
-    result = evaluate_process(baseline_args(silent_bass_root, torch_out))
-    assert result.returncode == 0, output(result)
+    evaluate_main(baseline_args(silent_bass_root, torch_out))
     result = evaluate_process([*baseline_args(silent_bass_root, museval_out), "--scorer", "museval", "--workers", "1"])
     assert result.returncode == 0, output(result)
     assert (museval_out / "results.md").is_file()
@@ -338,17 +343,17 @@ def test_evaluate_refuses_to_report_another_datasets_scores(two_datasets, tmp_pa
 
 
 @pytest.mark.slow
-def test_evaluate_says_what_is_wrong_with_its_out_folder(two_datasets, tmp_path):
+def test_evaluate_says_what_is_wrong_with_its_out_folder(two_datasets, tmp_path, capfd):
     first, _ = two_datasets
     out = tmp_path / "eval"
     out.mkdir()
     (out / "run.json").write_text('{"model_sha256": "abc", trailing garbage')
-    line = one_error_line(evaluate_process(baseline_args(first, out)))
+    line = one_error_line(["evaluate", *baseline_args(first, out)], capfd)
     assert str(out / "run.json") in line and "not a run.json written by demucs-dist" in line
 
     file_out = tmp_path / "a_file"
     file_out.write_text("not a folder")
-    line = one_error_line(evaluate_process(baseline_args(first, file_out)))
+    line = one_error_line(["evaluate", *baseline_args(first, file_out)], capfd)
     assert f"--out {file_out} is a file, not a folder" in line
 
 
