@@ -8,13 +8,14 @@ A song's scores are one file, `<out>/<subset>/<song>.json`, in museval's own for
 atomically once museval is done, so it marks the song as finished: a rerun skips it, and a killed
 run loses only the songs still being scored.
 
-Both scorers write the same json (museval's TrackStore); `demucs_dist.bss` reproduces museval's
-numbers (every frame within 1e-6 dB in the tests) many times faster, so `torch` is the default and
-scores each song on the rank's device right after its inference. museval (bss_eval v4) takes ~0.7 s
-per second of audio in one process and ~20 MB of memory per second of audio on top of ~0.6 GB. The
-pool lets the device infer the next songs while earlier ones are scored. Songs travel to the
-workers as .npy files in a scratch folder rather than through a pipe, so a 4-minute song (~170 MB
-of references and estimates) is not pickled, and at most `2 * workers` songs wait on disk.
+Both scorers write the same json (`SongScores`: museval's TrackStore document, written without
+importing museval); `demucs_dist.bss` reproduces museval's numbers (every frame within 1e-6 dB in
+the tests) many times faster, so `torch` is the default and scores each song on the rank's device
+right after its inference. museval (bss_eval v4) takes ~0.7 s per second of audio in one process
+and ~20 MB of memory per second of audio on top of ~0.6 GB. The pool lets the device infer the
+next songs while earlier ones are scored. Songs travel to the workers as .npy files in a scratch
+folder rather than through a pipe, so a 4-minute song (~170 MB of references and estimates) is not
+pickled, and at most `2 * workers` songs wait on disk.
 
 Silent sources. museval refuses a song in which a reference or an estimate is all zeros
 (`museval.metrics.validate` raises ValueError: an all-zero reference makes the decomposition
@@ -36,6 +37,7 @@ This module imports torch only inside DeviceScorer: museval worker processes sta
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import multiprocessing
 import os
@@ -47,6 +49,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -93,17 +96,38 @@ def read_events(out: str | os.PathLike) -> list[tuple[str, str]]:
 # Scoring one song (runs in a worker process)
 
 
-def track_store(name: str, scores: Mapping[str, np.ndarray]):
-    """A museval.TrackStore (what museval writes per song) from {"SDR": (sources, windows), "ISR":
-    .., "SIR": .., "SAR": ..} arrays in SOURCES order, as either scorer returns them."""
-    import museval  # imported late: slow, and it checks for ffmpeg at import time
+class SongScores:
+    """One song's scores as museval writes them: museval.TrackStore's json document, byte for byte
+    (targets in SOURCES order, a frame per 1 s window, values rounded to 5 decimals, infinities as
+    NaN). Built here without importing museval, which loads pandas: ~1.4 s of CPU in every
+    evaluating process, most of which never call museval. tests/test_bss.py compares the two."""
 
-    store = museval.TrackStore(track_name=name, win=WINDOW_SECONDS, hop=WINDOW_SECONDS)
-    for i, source in enumerate(SOURCES):
-        store.add_target(
-            target_name=source, values={metric: np.asarray(scores[metric][i]).tolist() for metric in METRICS}
-        )
-    return store
+    def __init__(self, scores: Mapping[str, np.ndarray]):
+        """scores: {"SDR": (sources, windows), "ISR": .., "SIR": .., "SAR": ..} in SOURCES order."""
+        targets = []
+        for i, source in enumerate(SOURCES):
+            rows = {metric: np.asarray(scores[metric][i], dtype=np.float64) for metric in METRICS}
+            frames = [
+                {
+                    "time": window * WINDOW_SECONDS,
+                    "duration": WINDOW_SECONDS,
+                    # museval's key order; its rounding: the exact binary value, half to even
+                    "metrics": {metric: _rounded(rows[metric][window]) for metric in ("SDR", "SIR", "SAR", "ISR")},
+                }
+                for window in range(len(rows["SDR"]))
+            ]
+            targets.append({"name": source, "frames": frames})
+        self.scores: dict[str, Any] = {"targets": targets, "museval_version": importlib.metadata.version("museval")}
+
+    @property
+    def json(self) -> str:
+        import simplejson  # museval's encoder: it writes the Decimal values digit for digit
+
+        return simplejson.dumps(self.scores, indent=2, allow_nan=True, use_decimal=True)
+
+
+def _rounded(value: float) -> Decimal | float:
+    return Decimal(float(value)).quantize(Decimal(".00001")) if not np.isinf(value) else float("nan")
 
 
 def silent_sources(references, estimates) -> dict[str, str]:
@@ -133,7 +157,7 @@ def _with_left_out(scores: Mapping, kept: list[int], sources: int, windows: int)
 
 
 def _score_audible(name: str, references, estimates, samplerate: int, score_kept) -> tuple[Any, dict[str, str]]:
-    """(TrackStore, left out) of one song: `score_kept(kept, window)` scores the sources at the
+    """(SongScores, left out) of one song: `score_kept(kept, window)` scores the sources at the
     indices `kept` (those not silent throughout), the others get NaN frames. The one place both
     scorers apply the silent-source rule."""
     from .bss import window_count
@@ -143,13 +167,13 @@ def _score_audible(name: str, references, estimates, samplerate: int, score_kept
     kept = [i for i, source in enumerate(SOURCES) if source not in left_out]
     windows = window_count(references.shape[-1], window, window)
     scores = score_kept(kept, window) if kept else {}
-    return track_store(name, _with_left_out(scores, kept, len(SOURCES), windows)), left_out
+    return SongScores(_with_left_out(scores, kept, len(SOURCES), windows)), left_out
 
 
 def score_song(name: str, references: np.ndarray, estimates: np.ndarray, samplerate: int):
     """museval (bss_eval v4, 1 s windows and hops) of four (sources, channels, samples) arrays.
 
-    Returns (a museval.TrackStore with one target per source, in SOURCES order, {source: why} of
+    Returns (SongScores with one target per source, in SOURCES order, {source: why} of
     the sources left out). A source silent throughout (`silent_sources`) is left out of museval's
     call and gets NaN frames, instead of museval refusing the whole song.
     """
@@ -168,7 +192,7 @@ def score_song(name: str, references: np.ndarray, estimates: np.ndarray, sampler
 
 
 def score_song_torch(name: str, references, estimates, samplerate: int, device=None):
-    """The same (TrackStore, left out) as `score_song`, computed by demucs_dist.bss (torch) on
+    """The same (SongScores, left out) as `score_song`, computed by demucs_dist.bss (torch) on
     `device` (default: where `references` are). references, estimates: arrays or tensors
     (sources, channels, samples)."""
     import torch
@@ -182,8 +206,10 @@ def score_song_torch(name: str, references, estimates, samplerate: int, device=N
     return _score_audible(name, references, estimates, samplerate, score_kept)
 
 
-def write_song_json(path: str | os.PathLike, store, extra: Mapping, left_out: Mapping | None = None) -> None:
-    """Write a TrackStore's json with our `extra` key, atomically; `left_out` ({source: why}, the
+def write_song_json(
+    path: str | os.PathLike, store: SongScores, extra: Mapping, left_out: Mapping | None = None
+) -> None:
+    """Write a song's json with our `extra` key, atomically; `left_out` ({source: why}, the
     silent sources not scored) is recorded there when there are any."""
     store.scores[EXTRA_KEY] = {**extra, **({"left_out": dict(left_out)} if left_out else {})}
     with atomic_path(path) as tmp:

@@ -32,7 +32,7 @@ from demucs_dist.bss import (
 )
 from demucs_dist.errors import UserError
 from demucs_dist.model import center_trim
-from demucs_dist.scoring import METRICS, frame_medians, score_song, score_song_torch
+from demucs_dist.scoring import METRICS, SongScores, frame_medians, score_song, score_song_torch
 
 RATE = 44100
 TOLERANCE_DB = 0.01
@@ -220,6 +220,21 @@ def test_nanmedian_is_numpys():
     with pytest.warns(RuntimeWarning):
         expected = np.nanmedian(values, axis=1)
     np.testing.assert_array_equal(nanmedian(torch.from_numpy(values)).numpy(), expected)
+
+
+def test_song_scores_json_is_museval_trackstores_byte_for_byte():
+    """The per-song json both scorers write (SongScores, built without importing museval) against
+    museval.TrackStore's, for values that round up, down, half to even, NaN, infinities and large."""
+    import museval
+
+    rng = np.random.default_rng(8)
+    scores = {metric: rng.normal(0, 30, (len(SOURCES), 7)) for metric in NAMES}
+    scores["SDR"][0, :6] = [np.nan, np.inf, -np.inf, 0.000005, 0.000015, -2.5e-6]
+    scores["SAR"][1, :3] = [176.123456789, 1e12, -0.0]
+    store = museval.TrackStore(track_name="song", win=1.0, hop=1.0)
+    for i, source in enumerate(SOURCES):
+        store.add_target(target_name=source, values={metric: scores[metric][i].tolist() for metric in NAMES})
+    assert SongScores(scores).json == store.json
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
