@@ -30,18 +30,19 @@ def test_info_prints_parameter_count(tmp_path, capsys):
     assert str(sum(p.numel() for p in model.parameters())) in out and '"epoch": 1' in out
 
 
-@pytest.mark.slow
-def test_bad_model_file_is_one_clear_line_without_traceback(tmp_path):
+def test_bad_model_file_is_one_clear_line_without_traceback(tmp_path, capfd):
+    """Through the command line's error handling in this process (test_bad_input's launched cases
+    and test_debug_shows_the_traceback run the command as a process)."""
+    from demucs_dist.errors import UserError
+
     bad = tmp_path / "bad.th"
     bad.write_bytes(b"\x00" * 10)
-    result = subprocess.run([sys.executable, "-m", "demucs_dist.cli", "info", str(bad)], capture_output=True, text=True)
-    assert result.returncode == 2
-    assert result.stderr.startswith("error:") and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    debug = subprocess.run(
-        [sys.executable, "-m", "demucs_dist.cli", "info", str(bad), "--debug"], capture_output=True, text=True
-    )
-    assert "Traceback" in debug.stderr
+    assert main(["info", str(bad)]) == 2
+    stderr = capfd.readouterr().err
+    assert stderr.startswith("error:") and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1
+    with pytest.raises(UserError):  # --debug: the exception goes on, with its traceback
+        main(["info", str(bad), "--debug"])
 
 
 def test_console_script_is_installed():

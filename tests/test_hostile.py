@@ -84,7 +84,9 @@ def kill_all(pids: list[int]) -> None:
 # shard
 
 
-def test_shard_refuses_a_foreign_webdataset_folder_and_keeps_its_files(musdb_copy, tmp_path):
+def test_shard_refuses_a_foreign_webdataset_folder_and_keeps_its_files(musdb_copy, tmp_path, capfd):
+    from demucs_dist.cli import main as cli_main
+
     foreign = tmp_path / "theirs"
     (foreign / "train").mkdir(parents=True)
     (foreign / "train" / "000000.tar").write_bytes(b"their shard")
@@ -92,10 +94,10 @@ def test_shard_refuses_a_foreign_webdataset_folder_and_keeps_its_files(musdb_cop
     (foreign / "manifest.json").write_text(json.dumps({"shards": ["train/000000.tar"]}))
     before = files_of(foreign)
 
-    result = run([sys.executable, "-m", "demucs_dist.data.shard", *shard_args(musdb_copy, foreign)], timeout=120)
-    assert result.returncode == 2, output(result)
-    assert "not written by demucs-dist" in result.stderr and str(foreign) in result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert cli_main(["shard", *shard_args(musdb_copy, foreign)]) == 2
+    stderr = capfd.readouterr().err
+    assert "not written by demucs-dist" in stderr and str(foreign) in stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
     assert files_of(foreign) == before
 
     file_out = tmp_path / "a_file"
@@ -125,18 +127,19 @@ def write_stem(root: Path, song: str, stem: str, audio: np.ndarray) -> Path:
     return path
 
 
-@pytest.mark.slow
-def test_shard_refuses_nan_audio_empty_files_and_missing_stems(musdb_copy, tmp_path):
+def test_shard_refuses_nan_audio_empty_files_and_missing_stems(musdb_copy, tmp_path, capfd):
+    from demucs_dist.cli import main as cli_main
+
     bass = musdb_copy / "train" / TRAIN_SONG / "bass.wav"
     original = bass.read_bytes()
     audio, _ = soundfile.read(bass, dtype="float32", always_2d=True)
     audio[1000:1010] = np.nan
     write_stem(musdb_copy, TRAIN_SONG, "bass", audio)
     out = tmp_path / "shards"
-    result = run([sys.executable, "-m", "demucs_dist.data.shard", *shard_args(musdb_copy, out)], timeout=120)
-    assert result.returncode == 2, output(result)
-    assert "Traceback" not in result.stderr
-    (line,) = [line for line in result.stderr.splitlines() if "error:" in line]  # one line (after progress bars)
+    assert cli_main(["shard", *shard_args(musdb_copy, out)]) == 2  # through the command line's error handling
+    stderr = capfd.readouterr().err
+    assert "Traceback" not in stderr
+    (line,) = [line for line in stderr.splitlines() if "error:" in line]  # one line (after progress bars)
     assert TRAIN_SONG in line and str(bass) in line and "NaN" in line
     assert not (out / "manifest.json").exists()
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 import tarfile
 import time
 from collections import Counter
@@ -180,22 +178,27 @@ def damaged_copy(shards: Path, folder: Path) -> tuple[Path, str, str]:
     return copy, truncated, flipped
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "demucs_dist.cli", *args], capture_output=True, text=True, timeout=60)
+def verify(shards: Path, capfd) -> tuple[int, str, str]:
+    """`demucs-dist shard --verify` in this process: (exit code, stdout, stderr)."""
+    from demucs_dist.cli import main as cli_main
+
+    code = cli_main(["shard", "--verify", "--out", str(shards)])
+    captured = capfd.readouterr()
+    return code, captured.out, captured.err
 
 
-def test_verify_finds_truncated_and_corrupt_shards(synth_shards, tmp_path):
-    whole = cli("shard", "--verify", "--out", str(synth_shards))
-    assert whole.returncode == 0 and "are whole" in whole.stdout, whole.stderr
+def test_verify_finds_truncated_and_corrupt_shards(synth_shards, tmp_path, capfd):
+    code, out, err = verify(synth_shards, capfd)
+    assert code == 0 and "are whole" in out, err
     copy, truncated, flipped = damaged_copy(synth_shards, tmp_path)
     (copy / "valid" / "000000.tar").unlink()
-    result = cli("shard", "--verify", "--out", str(copy))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    bad = [line for line in result.stdout.splitlines() if line.startswith("bad shard:")]
+    code, out, err = verify(copy, capfd)
+    assert code == 2 and "Traceback" not in err
+    bad = [line for line in out.splitlines() if line.startswith("bad shard:")]
     assert len(bad) == 3
-    assert f"{truncated}: 1" in result.stdout and "truncated" in result.stdout
-    assert f"{flipped}: sha256 differs" in result.stdout and "valid/000000.tar: missing" in result.stdout
-    assert result.stderr.startswith("error: 3 bad shard(s)")
+    assert f"{truncated}: 1" in out and "truncated" in out
+    assert f"{flipped}: sha256 differs" in out and "valid/000000.tar: missing" in out
+    assert err.startswith("error: 3 bad shard(s)")
 
 
 def test_training_on_a_truncated_shard_stops_naming_it_or_skips_it(synth_shards, tmp_path):
