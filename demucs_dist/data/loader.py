@@ -45,6 +45,7 @@ import io
 import itertools
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ import torch
 import webdataset as wds
 
 from ..config import option
-from ..errors import UserError
+from ..errors import UserError, die_with_parent
 from .augment import AugmentConfig, Crop, seeded_generator, shift_crop
 from .manifest import Manifest, shard_url
 
@@ -376,6 +377,13 @@ class _TrainStream(torch.utils.data.IterableDataset):
             yield BadShard(str(exc), fatal=True)
 
 
+def _die_with(parent: int, _worker_id: int) -> None:
+    """DataLoader workers end with their rank when it is killed outright (SIGKILL, the OOM killer).
+    They hold copies of the rank's sockets: while they live, the other ranks' collectives do not
+    see the rank gone, and the job's teardown waited ~5 s for the workers' own parent check."""
+    die_with_parent(parent)
+
+
 class TrainLoader:
     """Exactly `batches` TrainBatch items per iteration."""
 
@@ -397,6 +405,7 @@ class TrainLoader:
             num_workers=self.workers,
             prefetch_factor=2 if self.workers else None,
             pin_memory=torch.cuda.is_available(),  # faster host-to-GPU copies
+            worker_init_fn=functools.partial(_die_with, os.getpid()),
         )
         iterator = iter(loader)
         try:
