@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml scripts/setup.sh
 
 # Tests run in parallel processes (pytest-xdist), one per core: ~5 min on 2 cores (docs/benchmarks.md).
 # worksteal: a worker that runs out of tests takes queued ones from the other, so that the two end
-# together (with the default `load`, one worker idled for the last ~50 s: 346 s against 298 s).
+# together (with the default `load`, one worker idled for the last ~50 s: 338-346 s against 298 s).
 # Per-test balancing beat keeping each file on one worker (--dist loadfile): 453 s against 503 s.
 PYTEST_PARALLEL ?= -n auto --dist worksteal
 

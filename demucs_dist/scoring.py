@@ -37,6 +37,7 @@ This module imports torch only inside DeviceScorer: museval worker processes sta
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import multiprocessing
@@ -117,13 +118,19 @@ class SongScores:
                 for window in range(len(rows["SDR"]))
             ]
             targets.append({"name": source, "frames": frames})
-        self.scores: dict[str, Any] = {"targets": targets, "museval_version": importlib.metadata.version("museval")}
+        self.scores: dict[str, Any] = {"targets": targets, "museval_version": _museval_version()}
 
     @property
     def json(self) -> str:
         import simplejson  # museval's encoder: it writes the Decimal values digit for digit
 
         return simplejson.dumps(self.scores, indent=2, allow_nan=True, use_decimal=True)
+
+
+@functools.cache
+def _museval_version() -> str:
+    """The installed museval's version, as museval records it, read without importing museval."""
+    return importlib.metadata.version("museval")
 
 
 def _rounded(value: float) -> Decimal | float:

@@ -1,7 +1,8 @@
 """Bad input through the real command line (issue #7): one `error:` line, exit code 2, no traceback.
 
-Each case builds its bad input, runs `python -m demucs_dist.cli ...` in a subprocess and checks the
-message. Most errors come before any training, so each case takes about the time of an import.
+Each case builds its bad input and runs `demucs-dist ...` through the command line's error handling:
+in this process (`cli.main`), or as a real command under `accelerate launch` for the cases that
+need ranks. Most errors come before any training.
 """
 
 from __future__ import annotations

@@ -224,7 +224,8 @@ def test_nanmedian_is_numpys():
 
 def test_song_scores_json_is_museval_trackstores_byte_for_byte():
     """The per-song json both scorers write (SongScores, built without importing museval) against
-    museval.TrackStore's, for values that round up, down, half to even, NaN, infinities and large."""
+    museval.TrackStore's, for values that round up and down near the 5th decimal, NaN, infinities,
+    -0 and large values."""
     import museval
 
     rng = np.random.default_rng(8)
@@ -350,7 +351,7 @@ def test_real_musdb_clip(musdb_clip):
 
 @pytest.mark.slow
 def test_torch_scorer_writes_museval_scorers_json(musdb_clip):
-    """score_song_torch's TrackStore (what `evaluate --scorer torch` writes) against score_song's
+    """score_song_torch's SongScores (what `evaluate --scorer torch` writes) against score_song's
     (museval): the same document, frame values within the tolerance (both rounded to 1e-5)."""
     song = musdb_clip
     estimates = np.broadcast_to(song.mix, song.sources.shape).copy()

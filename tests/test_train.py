@@ -170,7 +170,8 @@ def test_validation_reports_the_median_sdr_of_the_songs(bf16_step, synth_shards)
 def test_compiled_model_exports_a_loadable_model_file(synth_shards, tmp_path):
     """--compile wraps the model; best.th and the checkpoints must still hold the plain Demucs
     weights, so that the run resumes without --compile. The aot_eager backend wraps and traces the
-    model as inductor does, without inductor's C++ builds (~30 s on a CPU with an empty cache)."""
+    model as inductor does, without inductor's C++ builds (~30 s on a CPU with an empty cache).
+    Its run also shows validation without --valid-sdr (TINY): the loss is logged, no SDR."""
     command = single_step_command(synth_shards, tmp_path, "--compile", "--compile-backend", "aot_eager")
     result = run(command, cpu_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

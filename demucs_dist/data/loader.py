@@ -380,8 +380,11 @@ class _TrainStream(torch.utils.data.IterableDataset):
 def _die_with(parent: int, _worker_id: int) -> None:
     """DataLoader workers end with their rank when it is killed outright (SIGKILL, the OOM killer).
     They hold copies of the rank's sockets: while they live, the other ranks' collectives do not
-    see the rank gone, and the job's teardown waited ~5 s for the workers' own parent check."""
-    die_with_parent(parent)
+    see the rank gone, and the job's teardown waited ~5 s for the workers' own parent check.
+    Only for workers forked by the rank itself (Linux's default start method up to Python 3.13):
+    a worker started by a forkserver has the server as its parent."""
+    if os.getppid() == parent:
+        die_with_parent()
 
 
 class TrainLoader:
