@@ -51,7 +51,7 @@ song = read_song([t for t in open_tracks(sys.argv[1], True, "test") if t.name ==
 noise = np.random.default_rng(0).standard_normal(song.sources.shape).astype(np.float32)
 estimates = song.sources + 0.1 * song.sources.std() * noise
 start = time.perf_counter()
-score_song(song.name, song.sources, estimates, song.samplerate)
+score_song(song.sources, estimates, song.samplerate)
 print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 

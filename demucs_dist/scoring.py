@@ -163,7 +163,7 @@ def _with_left_out(scores: Mapping, kept: list[int], sources: int, windows: int)
     return full
 
 
-def _score_audible(name: str, references, estimates, samplerate: int, score_kept) -> tuple[Any, dict[str, str]]:
+def _score_audible(references, estimates, samplerate: int, score_kept) -> tuple[SongScores, dict[str, str]]:
     """(SongScores, left out) of one song: `score_kept(kept, window)` scores the sources at the
     indices `kept` (those not silent throughout), the others get NaN frames. The one place both
     scorers apply the silent-source rule."""
@@ -177,7 +177,7 @@ def _score_audible(name: str, references, estimates, samplerate: int, score_kept
     return SongScores(_with_left_out(scores, kept, len(SOURCES), windows)), left_out
 
 
-def score_song(name: str, references: np.ndarray, estimates: np.ndarray, samplerate: int):
+def score_song(references: np.ndarray, estimates: np.ndarray, samplerate: int):
     """museval (bss_eval v4, 1 s windows and hops) of four (sources, channels, samples) arrays.
 
     Returns (SongScores with one target per source, in SOURCES order, {source: why} of
@@ -195,10 +195,10 @@ def score_song(name: str, references: np.ndarray, estimates: np.ndarray, sampler
         sdr, isr, sir, sar = museval.evaluate(refs, ests, win=window, hop=window)
         return {"SDR": sdr, "ISR": isr, "SIR": sir, "SAR": sar}
 
-    return _score_audible(name, references, estimates, samplerate, score_kept)
+    return _score_audible(references, estimates, samplerate, score_kept)
 
 
-def score_song_torch(name: str, references, estimates, samplerate: int, device=None):
+def score_song_torch(references, estimates, samplerate: int, device=None):
     """The same (SongScores, left out) as `score_song`, computed by demucs_dist.bss (torch) on
     `device` (default: where `references` are). references, estimates: arrays or tensors
     (sources, channels, samples)."""
@@ -210,7 +210,7 @@ def score_song_torch(name: str, references, estimates, samplerate: int, device=N
         refs, ests = torch.as_tensor(references)[kept], torch.as_tensor(estimates)[kept]
         return bss_eval_v4(refs, ests, window_samples=window, device=device).numpy()
 
-    return _score_audible(name, references, estimates, samplerate, score_kept)
+    return _score_audible(references, estimates, samplerate, score_kept)
 
 
 def write_song_json(
@@ -239,7 +239,7 @@ def run_score_job(job: ScoreJob) -> float:
     """Score one song, write its json, log it and delete its arrays. Returns museval's seconds."""
     start = time.perf_counter()
     arrays = np.load(job.arrays_path)
-    store, left_out = score_song(job.name, arrays[0], arrays[1], job.samplerate)
+    store, left_out = score_song(arrays[0], arrays[1], job.samplerate)
     del arrays
     seconds = time.perf_counter() - start
     extra = {**job.extra, "scorer": "museval", "museval_seconds": round(seconds, 3)}
@@ -434,7 +434,7 @@ class DeviceScorer:
         self._bar.total += 1
         start = time.perf_counter()
         try:
-            store, left_out = score_song_torch(name, references, estimates, samplerate, self.device)
+            store, left_out = score_song_torch(references, estimates, samplerate, self.device)
         except UserError as error:
             self.failures[name] = str(error)
             return

@@ -200,7 +200,7 @@ def train_one_epoch(run: Run) -> float:
                 finite_steps += 1
             meter.step_done(loss, grad_norm)
             check_nonfinite_streak(run, finite)
-            if run.cfg.checkpoint_every and progress.step % run.cfg.checkpoint_every == 0:
+            if on_checkpoint_cadence(run.cfg, progress.step):
                 if index + 1 < skip_steps + train_steps:  # the epoch's end saves anyway
                     meter.flush()  # the scalars up to the checkpoint survive a crash after it
                     run.checkpoints.save(accelerator, progress, run.bare_model, run.ema)
@@ -427,6 +427,11 @@ def validate(run: Run, log_audio: bool = False, score: bool = False) -> tuple[fl
     return (total[0] / total[1]).item(), sdr
 
 
+def on_checkpoint_cadence(cfg: TrainConfig, step: int) -> bool:
+    """Whether optimizer step `step` is one --checkpoint-every asks to checkpoint."""
+    return cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
+
+
 def end_epoch(run: Run, train_loss: float, valid: dict[str, float], sdr: dict[str, float], seconds: float) -> None:
     """Count the epoch, keep the best model (raw or averaged weights, by loss), checkpoint, report
     the epoch. valid: the validation loss per weights; sdr: the raw weights' SDR ({} if not scored)."""
@@ -438,9 +443,9 @@ def end_epoch(run: Run, train_loss: float, valid: dict[str, float], sdr: dict[st
         if accelerator.is_main_process:
             export(run, run.run_dir / "best.th", weights=best_name)
     last_epoch = progress.epoch == run.cfg.epochs
-    # --checkpoint-every's step at an epoch's end is saved here (the step loop leaves it to us)
-    on_cadence = run.cfg.checkpoint_every > 0 and progress.step % run.cfg.checkpoint_every == 0
-    if last_epoch or on_cadence or run.checkpoints.due(accelerator):  # due() is collective: same on every rank
+    # --checkpoint-every's step at an epoch's end is saved here (the step loop leaves it to us);
+    # due() is collective: the conditions before it are the same on every rank
+    if last_epoch or on_checkpoint_cadence(run.cfg, progress.step) or run.checkpoints.due(accelerator):
         if accelerator.is_main_process:
             export(run, run.run_dir / "last.th")
         run.checkpoints.save(accelerator, progress, run.bare_model, run.ema)

@@ -84,6 +84,17 @@ def run(command: list, env: dict | None = None, timeout: float = 240) -> subproc
     return subprocess.run([str(c) for c in command], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def cli_here(argv: list, capfd) -> subprocess.CompletedProcess:
+    """`demucs-dist ARGV` in this process, through the command line's error handling (one `error:`
+    line and exit code 2 for bad input): for tests about a message, not about a process. Its exit
+    code and output (pytest's `capfd`) as a CompletedProcess."""
+    from demucs_dist.cli import main
+
+    code = main([str(arg) for arg in argv])
+    captured = capfd.readouterr()
+    return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
+
+
 def keep_output(result: subprocess.CompletedProcess, path: Path) -> None:
     """Write a finished process's exit code and output next to `path` (for `build_once` fixtures)."""
     for suffix, text in ((".rc", str(result.returncode)), (".stdout", result.stdout), (".stderr", result.stderr)):

@@ -23,9 +23,8 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from helpers import SHARD_ARGS, TINY, cpu_env, launch_command, run
+from helpers import SHARD_ARGS, TINY, cli_here, cpu_env, launch_command, run
 
-from demucs_dist.cli import main as cli_main
 from demucs_dist.modelfile import FORMAT
 
 TRAIN = [*TINY, "--global-batch", "8", "--max-device-batch", "2", "--workers", "0", "--timeout", "20"]
@@ -228,10 +227,9 @@ def test_bad_input_is_one_clear_line(name, small_root, synth_shards, tmp_path, m
     argv, env = CASES[name].make(tmp_path, small_root, synth_shards)
     for key, value in {"ACCELERATE_USE_CPU": "1", **env}.items():
         monkeypatch.setenv(key, value)
-    code = cli_main([str(arg) for arg in argv])
-    stderr = capfd.readouterr().err
-    errors = error_lines(stderr)
-    assert code == 2 and len(errors) == 1, stderr[-3000:]
+    result = cli_here(argv, capfd)
+    errors = error_lines(result.stderr)
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
     assert CASES[name].message in errors[0], errors
 
 
@@ -266,10 +264,9 @@ def test_mono_silent_and_short_songs_are_converted_normalised_or_skipped(small_r
         rewrite(root / "train" / silent / stem, np.zeros_like)
         rewrite(root / "train" / short / stem, lambda a: a[: len(a) // 20])  # 0.25 s of 5 s
     out = tmp_path / "shards"
-    code = cli_main(["shard", "--musdb", str(root), "--is-wav", *VALID, "--out", str(out), *SHARD_ARGS])
-    captured = capfd.readouterr()
-    assert code == 0, captured.err[-3000:]
-    assert f"skipped (shorter than one chunk): {short}" in captured.out
+    result = cli_here(["shard", "--musdb", root, "--is-wav", *VALID, "--out", out, *SHARD_ARGS], capfd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"skipped (shorter than one chunk): {short}" in result.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["songs"]["skipped"] == [short] and short not in manifest["songs"]["train"]
     assert manifest["stats"][silent] == {"mean": 0.0, "std": 1.0, "length": manifest["stats"][silent]["length"]}
@@ -281,4 +278,5 @@ def test_mono_silent_and_short_songs_are_converted_normalised_or_skipped(small_r
         if member.name.endswith(".json") and json.loads(tar.extractfile(member).read())["song"] == mono
     ]
     assert mono_chunks and all(np.array_equal(chunk[1, 0], chunk[1, 1]) for chunk in mono_chunks)  # bass: L == R
-    assert cli_main(["shard", "--verify", "--out", str(out)]) == 0, capfd.readouterr()
+    verify = cli_here(["shard", "--verify", "--out", out], capfd)
+    assert verify.returncode == 0, verify.stdout + verify.stderr

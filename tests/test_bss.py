@@ -355,8 +355,8 @@ def test_torch_scorer_writes_museval_scorers_json(musdb_clip):
     (museval): the same document, frame values within the tolerance (both rounded to 1e-5)."""
     song = musdb_clip
     estimates = np.broadcast_to(song.mix, song.sources.shape).copy()
-    a = json.loads(score_song_torch(song.name, song.sources, estimates, song.samplerate)[0].json)
-    b = json.loads(score_song(song.name, song.sources, estimates, song.samplerate)[0].json)
+    a = json.loads(score_song_torch(song.sources, estimates, song.samplerate)[0].json)
+    b = json.loads(score_song(song.sources, estimates, song.samplerate)[0].json)
     assert a.keys() == b.keys() and [t["name"] for t in a["targets"]] == [t["name"] for t in b["targets"]] == list(
         SOURCES
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-from helpers import SHARD_ARGS, cpu_env, output, run
+from helpers import SHARD_ARGS, cli_here, cpu_env, output, run
 
 from demucs_dist import SAMPLERATE
 from demucs_dist.data.shard import main as shard_main
@@ -85,8 +85,6 @@ def kill_all(pids: list[int]) -> None:
 
 
 def test_shard_refuses_a_foreign_webdataset_folder_and_keeps_its_files(musdb_copy, tmp_path, capfd):
-    from demucs_dist.cli import main as cli_main
-
     foreign = tmp_path / "theirs"
     (foreign / "train").mkdir(parents=True)
     (foreign / "train" / "000000.tar").write_bytes(b"their shard")
@@ -94,10 +92,10 @@ def test_shard_refuses_a_foreign_webdataset_folder_and_keeps_its_files(musdb_cop
     (foreign / "manifest.json").write_text(json.dumps({"shards": ["train/000000.tar"]}))
     before = files_of(foreign)
 
-    assert cli_main(["shard", *shard_args(musdb_copy, foreign)]) == 2
-    stderr = capfd.readouterr().err
-    assert "not written by demucs-dist" in stderr and str(foreign) in stderr
-    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    result = cli_here(["shard", *shard_args(musdb_copy, foreign)], capfd)
+    assert result.returncode == 2, output(result)
+    assert "not written by demucs-dist" in result.stderr and str(foreign) in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert files_of(foreign) == before
 
     file_out = tmp_path / "a_file"
@@ -128,18 +126,16 @@ def write_stem(root: Path, song: str, stem: str, audio: np.ndarray) -> Path:
 
 
 def test_shard_refuses_nan_audio_empty_files_and_missing_stems(musdb_copy, tmp_path, capfd):
-    from demucs_dist.cli import main as cli_main
-
     bass = musdb_copy / "train" / TRAIN_SONG / "bass.wav"
     original = bass.read_bytes()
     audio, _ = soundfile.read(bass, dtype="float32", always_2d=True)
     audio[1000:1010] = np.nan
     write_stem(musdb_copy, TRAIN_SONG, "bass", audio)
     out = tmp_path / "shards"
-    assert cli_main(["shard", *shard_args(musdb_copy, out)]) == 2  # through the command line's error handling
-    stderr = capfd.readouterr().err
-    assert "Traceback" not in stderr
-    (line,) = [line for line in stderr.splitlines() if "error:" in line]  # one line (after progress bars)
+    result = cli_here(["shard", *shard_args(musdb_copy, out)], capfd)
+    assert result.returncode == 2, output(result)
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if "error:" in line]  # one line (after progress bars)
     assert TRAIN_SONG in line and str(bass) in line and "NaN" in line
     assert not (out / "manifest.json").exists()
 
@@ -240,15 +236,10 @@ def evaluate_process(args: list[str], timeout: float = 180) -> subprocess.Comple
     return run([sys.executable, "-m", "demucs_dist.evaluate", *args], env=cpu_env(), timeout=timeout)
 
 
-def one_error_line(argv: list[str], capfd) -> str:
-    """`demucs-dist ARGV` run in this process (through the command line's error handling): it
-    exits 2 with one line, `error: ...`, and no traceback. Returns the line."""
-    from demucs_dist.cli import main as cli_main
-
-    code = cli_main(argv)
-    stderr = capfd.readouterr().err
-    assert code == 2 and "Traceback" not in stderr, stderr[-3000:]
-    (line,) = [line for line in stderr.splitlines() if line.strip()]
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, output(result)
+    assert "Traceback" not in result.stderr, output(result)
+    (line,) = [line for line in result.stderr.splitlines() if line.strip()]
     assert line.startswith("error: ")
     return line
 
@@ -351,12 +342,12 @@ def test_evaluate_says_what_is_wrong_with_its_out_folder(two_datasets, tmp_path,
     out = tmp_path / "eval"
     out.mkdir()
     (out / "run.json").write_text('{"model_sha256": "abc", trailing garbage')
-    line = one_error_line(["evaluate", *baseline_args(first, out)], capfd)
+    line = one_error_line(cli_here(["evaluate", *baseline_args(first, out)], capfd))
     assert str(out / "run.json") in line and "not a run.json written by demucs-dist" in line
 
     file_out = tmp_path / "a_file"
     file_out.write_text("not a folder")
-    line = one_error_line(["evaluate", *baseline_args(first, file_out)], capfd)
+    line = one_error_line(cli_here(["evaluate", *baseline_args(first, file_out)], capfd))
     assert f"--out {file_out} is a file, not a folder" in line
 
 

@@ -17,7 +17,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, build_once, cpu_env, keep_output, kept_output, launch_command, output, run, run_probe, scalars
+from helpers import (
+    TINY,
+    build_once,
+    cli_here,
+    cpu_env,
+    keep_output,
+    kept_output,
+    launch_command,
+    output,
+    run,
+    run_probe,
+    scalars,
+)
 
 from demucs_dist.modelfile import load_model
 
@@ -182,27 +194,18 @@ def damaged_copy(shards: Path, folder: Path) -> tuple[Path, str, str]:
     return copy, truncated, flipped
 
 
-def verify(shards: Path, capfd) -> tuple[int, str, str]:
-    """`demucs-dist shard --verify` in this process: (exit code, stdout, stderr)."""
-    from demucs_dist.cli import main as cli_main
-
-    code = cli_main(["shard", "--verify", "--out", str(shards)])
-    captured = capfd.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_verify_finds_truncated_and_corrupt_shards(synth_shards, tmp_path, capfd):
-    code, out, err = verify(synth_shards, capfd)
-    assert code == 0 and "are whole" in out, err
+    whole = cli_here(["shard", "--verify", "--out", synth_shards], capfd)
+    assert whole.returncode == 0 and "are whole" in whole.stdout, whole.stderr
     copy, truncated, flipped = damaged_copy(synth_shards, tmp_path)
     (copy / "valid" / "000000.tar").unlink()
-    code, out, err = verify(copy, capfd)
-    assert code == 2 and "Traceback" not in err
-    bad = [line for line in out.splitlines() if line.startswith("bad shard:")]
+    result = cli_here(["shard", "--verify", "--out", copy], capfd)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    bad = [line for line in result.stdout.splitlines() if line.startswith("bad shard:")]
     assert len(bad) == 3
-    assert f"{truncated}: 1" in out and "truncated" in out
-    assert f"{flipped}: sha256 differs" in out and "valid/000000.tar: missing" in out
-    assert err.startswith("error: 3 bad shard(s)")
+    assert f"{truncated}: 1" in result.stdout and "truncated" in result.stdout
+    assert f"{flipped}: sha256 differs" in result.stdout and "valid/000000.tar: missing" in result.stdout
+    assert result.stderr.startswith("error: 3 bad shard(s)")
 
 
 def test_training_on_a_truncated_shard_stops_naming_it_or_skips_it(synth_shards, tmp_path):
