@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import signal
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import SHARD_ARGS
+from helpers import SHARD_ARGS, alive, children_of
 
 from demucs_dist import SAMPLERATE
 from demucs_dist.data.augment import AugmentConfig, shift_crop
@@ -32,11 +35,15 @@ SEGMENT = Demucs(channels=4, depth=3).valid_length(SAMPLERATE // 2)  # a small t
 SHIFT = 0.25  # seconds, as the test shards were cut for
 
 
-def batches_of(shards, manifest, **options):
+def batches_of_lazily(shards, manifest, **options):
     defaults = dict(segment_samples=SEGMENT, batch_size=3, batches=4, epoch=0, seed=0, rank=0, world_size=1, workers=0)
     defaults.update(options)
     augment = defaults.pop("augment", AugmentConfig(shift=SHIFT))
-    return list(train_batches(str(shards), manifest, augment=augment, **defaults))
+    return train_batches(str(shards), manifest, augment=augment, **defaults)
+
+
+def batches_of(shards, manifest, **options):
+    return list(batches_of_lazily(shards, manifest, **options))
 
 
 def stored_chunks(shards: Path) -> dict[str, np.ndarray]:
@@ -104,6 +111,23 @@ def test_two_ranks_with_two_workers_read_disjoint_shards_through_the_data_loader
     everything = [name for names in shards_of.values() for name in names]
     assert len(everything) == len(set(everything))  # no shard read by two slots (so by two ranks)
     assert set(everything) == {s.name for s in manifest.train}
+
+
+def test_data_loader_workers_leave_sigterm_to_their_rank(synth_shards):
+    """torchrun stops a rank with SIGTERM to its whole process group (SLURM's scancel: to every
+    process of the job). A worker that died of it reached the DataLoader before the rank's own stop
+    did: "DataLoader worker ... is killed by signal: Terminated" in the job log, now and then."""
+    manifest = read_manifest(synth_shards)
+    before = set(children_of(os.getpid()))
+    batches = iter(batches_of_lazily(synth_shards, manifest, batch_size=2, batches=8, workers=2))
+    next(batches)
+    workers = set(children_of(os.getpid())) - before
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert all(alive(pid) for pid in workers)
+    assert len(list(batches)) == 7  # and the loader goes on
 
 
 def test_slots_cover_every_sample_once_also_with_more_slots_than_shards(synth_shards):

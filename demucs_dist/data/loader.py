@@ -46,6 +46,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -377,12 +378,20 @@ class _TrainStream(torch.utils.data.IterableDataset):
             yield BadShard(str(exc), fatal=True)
 
 
-def _die_with(parent: int, _worker_id: int) -> None:
-    """DataLoader workers end with their rank when it is killed outright (SIGKILL, the OOM killer).
-    They hold copies of the rank's sockets: while they live, the other ranks' collectives do not
-    see the rank gone, and the job's teardown waited ~5 s for the workers' own parent check.
-    Only for workers forked by the rank itself (Linux's default start method up to Python 3.13):
-    a worker started by a forkserver has the server as its parent."""
+def _end_with(parent: int, _worker_id: int) -> None:
+    """DataLoader workers stop when their rank stops, never on their own.
+
+    SIGTERM: torchrun stops a rank by signalling its whole process group, and SLURM's scancel
+    signals every process of the job. A worker that died of it reached the rank's DataLoader first,
+    and the job log showed "DataLoader worker ... is killed by signal: Terminated" (a traceback)
+    instead of the rank's own clean stop. So the workers ignore it. The rank's stop shuts them down.
+
+    SIGKILL of the rank (the OOM killer, a launcher's last resort): the workers get the kernel's
+    parent-death signal. They hold copies of the rank's sockets: while they live, the other ranks'
+    collectives do not see the rank gone, and the job's teardown waited ~5 s for the workers' own
+    parent check. Only for workers forked by the rank itself (Linux's default start method up to
+    Python 3.13): a worker started by a forkserver has the server as its parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if os.getppid() == parent:
         die_with_parent()
 
@@ -408,7 +417,7 @@ class TrainLoader:
             num_workers=self.workers,
             prefetch_factor=2 if self.workers else None,
             pin_memory=torch.cuda.is_available(),  # faster host-to-GPU copies
-            worker_init_fn=functools.partial(_die_with, os.getpid()),
+            worker_init_fn=functools.partial(_end_with, os.getpid()),
         )
         iterator = iter(loader)
         try:
