@@ -22,6 +22,7 @@ SMALL = dict(DEMO_TRAIN_SONGS="4", DEMO_TEST_SONGS="1", DEMO_SECONDS="12", DEMO_
 MIN_GAIN_DB = 2.0
 
 
+@pytest.mark.first
 def test_demo_pipeline_beats_the_mixture_baseline(tmp_path):
     env = dict(os.environ, DEMO_DIR=str(tmp_path), NPROC="2", VENV=str(Path(os.sys.executable).parents[1]), **SMALL)
     result = subprocess.run(["bash", "launch/demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

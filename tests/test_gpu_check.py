@@ -48,6 +48,7 @@ def test_known_bf16_peaks():
     assert check.bf16_peak("Tesla V100-SXM2-32GB") is None
 
 
+@pytest.mark.first
 @pytest.mark.slow
 def test_cpu_part_trains_resumes_evaluates_separates_and_writes_the_table(tmp_path):
     out = tmp_path / "check"

@@ -389,6 +389,7 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.first
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "stop, inferred, scored",

@@ -238,6 +238,7 @@ def test_shards_hold_every_chunk_and_song_once(synth_shards):
     assert keys and max(keys.values()) == 1
 
 
+@pytest.mark.first
 def test_resume_under_another_world_size_or_global_batch_trains_the_rest_once(
     killed_in_epoch_two, synth_shards, tmp_path
 ):

@@ -115,6 +115,7 @@ def test_scores_every_song_into_evaluates_store(torch_run, musdb_root, estimates
     assert sorted(song for event, song in before if event == "scored") == SONGS
 
 
+@pytest.mark.first
 @pytest.mark.slow
 def test_museval_scorer_and_museval_itself_agree(torch_run, musdb_root, estimates_root, tmp_path):
     """`--scorer museval` writes the torch scorer's numbers (song 0: longer float files), and
