@@ -9,7 +9,7 @@ bin=${VENV:-.venv}/bin
 demo=${DEMO_DIR:-demo}
 # Sizes (the test suite runs this script smaller through these variables).
 train_songs=${DEMO_TRAIN_SONGS:-10} test_songs=${DEMO_TEST_SONGS:-3} seconds=${DEMO_SECONDS:-20}
-epochs=${DEMO_EPOCHS:-12} repeat=${DEMO_REPEAT:-2}
+epochs=${DEMO_EPOCHS:-12} repeat=${DEMO_REPEAT:-2} lr=${DEMO_LR:-1e-3}
 # The demo model: Demucs v1 at a size a CPU trains in minutes (the paper's is --channels 100 --depth 6).
 read -r -a model <<< "${DEMO_MODEL:---channels 16 --depth 5 --lstm-layers 1}"
 step() { printf '\n== %s ==\n' "$*"; }
@@ -22,7 +22,7 @@ step "2/5 shards"
 
 step "3/5 training"
 launch/train.sh --shards "$demo/shards" --logdir "$demo/runs/demo" "${model[@]}" --segment 2 \
-  --epochs "$epochs" --repeat "$repeat" --valid-every 3 --global-batch 16 --max-device-batch 8 --workers 1 --lr 1e-3
+  --epochs "$epochs" --repeat "$repeat" --valid-every 3 --global-batch 16 --max-device-batch 8 --workers 1 --lr "$lr"
 
 step "4/5 evaluation: shift trick on the test songs, museval's metrics"
 # Two floors: the mixture as every estimate (no separation at all), and the same model untrained
