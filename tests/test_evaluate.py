@@ -104,6 +104,7 @@ def two_processes(model_file, eval_root, tmp_path_factory):
     return work / "eval", result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_job_log_has_plain_progress_lines_of_each_rank(two_processes):
     _, log = two_processes
     assert "\r" not in log
