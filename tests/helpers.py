@@ -139,28 +139,6 @@ def run_probe(out: Path, shards: Path, logdir: Path, *extra: str, processes: int
     return result, [torch.load(out / f"rank{rank}.pt") for rank in range(processes)]
 
 
-def children_of(pid: int) -> list[int]:
-    """Pids whose parent is `pid` (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def scalars(logdir: Path, tag: str) -> list[tuple[int, float]]:
     """(step, value) of a TensorBoard scalar, read with TensorBoard's own event reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

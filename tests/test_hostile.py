@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-from helpers import SHARD_ARGS, alive, children_of, cli_here, cpu_env, output
+from helpers import SHARD_ARGS, cli_here, cpu_env, output
 
 from demucs_dist import SAMPLERATE
 from demucs_dist.data.shard import main as shard_main
@@ -41,6 +41,28 @@ def shard_args(root: Path, out: Path) -> list[str]:
 
 def files_of(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def children_of(pid: int) -> list[int]:
+    """Pids whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def wait_gone(pids: list[int], seconds: float) -> list[int]:

@@ -7,6 +7,8 @@ import io
 import math
 import os
 import signal
+import subprocess
+import sys
 import tarfile
 import time
 from collections import Counter
@@ -15,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import SHARD_ARGS, alive, children_of
+from helpers import SHARD_ARGS
 
 from demucs_dist import SAMPLERATE
 from demucs_dist.data.augment import AugmentConfig, shift_crop
@@ -35,15 +37,11 @@ SEGMENT = Demucs(channels=4, depth=3).valid_length(SAMPLERATE // 2)  # a small t
 SHIFT = 0.25  # seconds, as the test shards were cut for
 
 
-def batches_of_lazily(shards, manifest, **options):
+def batches_of(shards, manifest, **options):
     defaults = dict(segment_samples=SEGMENT, batch_size=3, batches=4, epoch=0, seed=0, rank=0, world_size=1, workers=0)
     defaults.update(options)
     augment = defaults.pop("augment", AugmentConfig(shift=SHIFT))
-    return train_batches(str(shards), manifest, augment=augment, **defaults)
-
-
-def batches_of(shards, manifest, **options):
-    return list(batches_of_lazily(shards, manifest, **options))
+    return list(train_batches(str(shards), manifest, augment=augment, **defaults))
 
 
 def stored_chunks(shards: Path) -> dict[str, np.ndarray]:
@@ -113,21 +111,54 @@ def test_two_ranks_with_two_workers_read_disjoint_shards_through_the_data_loader
     assert set(everything) == {s.name for s in manifest.train}
 
 
-def test_data_loader_workers_leave_sigterm_to_their_rank(synth_shards):
+# A rank reading batches with 2 workers, under the command line's SIGTERM handling (as `train` runs).
+RANK_READING = """
+import sys
+from demucs_dist.data.augment import AugmentConfig
+from demucs_dist.data.loader import train_batches
+from demucs_dist.data.manifest import read_manifest
+from demucs_dist.errors import run_main
+
+def main(argv):
+    shards, segment = argv
+    batches = train_batches(shards, read_manifest(shards), augment=AugmentConfig(shift=0.25), batches=10**6,
+                            segment_samples=int(segment), batch_size=2, epoch=0, seed=0, rank=0, world_size=1,
+                            workers=2)
+    for i, _ in enumerate(batches):
+        if i == 2:  # both workers have produced a batch: they are set up
+            print("reading", flush=True)
+
+sys.exit(run_main(main))
+"""
+
+
+def test_sigterm_to_the_rank_and_its_workers_stops_them_without_a_data_loader_traceback(synth_shards):
     """torchrun stops a rank with SIGTERM to its whole process group (SLURM's scancel: to every
-    process of the job). A worker that died of it reached the DataLoader before the rank's own stop
-    did: "DataLoader worker ... is killed by signal: Terminated" in the job log, now and then."""
-    manifest = read_manifest(synth_shards)
-    before = set(children_of(os.getpid()))
-    batches = iter(batches_of_lazily(synth_shards, manifest, batch_size=2, batches=8, workers=2))
-    next(batches)
-    workers = set(children_of(os.getpid())) - before
-    assert len(workers) == 2
-    for pid in workers:
-        os.kill(pid, signal.SIGTERM)
-    time.sleep(0.5)
-    assert all(alive(pid) for pid in workers)
-    assert len(list(batches)) == 7  # and the loader goes on
+    process of the job). A worker that died of it reached the rank's DataLoader before the rank's
+    own stop did: "DataLoader worker ... is killed by signal: Terminated" in the job log."""
+    process = subprocess.Popen([sys.executable, "-c", RANK_READING, str(synth_shards), str(SEGMENT)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
+    try:
+        assert process.stdout.readline() == "reading\n", process.stderr.read()
+        os.killpg(process.pid, signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 143 and stderr.strip() == "terminated", stderr
+    deadline = time.monotonic() + 10
+    while not gone(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone(process.pid), "a worker outlived its rank"
+
+
+def gone(group: int) -> bool:
+    """Whether no process is left in the process group `group`."""
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return True
+    return False
 
 
 def test_slots_cover_every_sample_once_also_with_more_slots_than_shards(synth_shards):

@@ -378,20 +378,47 @@ class _TrainStream(torch.utils.data.IterableDataset):
             yield BadShard(str(exc), fatal=True)
 
 
+WORKER_GRACE_SECONDS = 10  # a SIGTERMed worker's time to be shut down by its rank before it exits
+
+
+def _exit_quietly(_signum: int, _frame: object) -> None:
+    os._exit(0)
+
+
+def _quiet_excepthook(*_args: object) -> None:
+    """A worker's sys.excepthook. multiprocessing's resource_sharer thread, which hands the rank a
+    batch's shared memory, reports through it a connection the rank dropped: what a stopping rank
+    does to a fetch under way. The rank sees a failure of its own fetch itself."""
+
+
+def _stop_soon(_signum: int, _frame: object) -> None:
+    """A worker's first SIGTERM: go on until the rank shuts the worker down, or exit quietly after
+    WORKER_GRACE_SECONDS (a worker stuck in a read). A second SIGTERM exits at once."""
+    signal.signal(signal.SIGTERM, _exit_quietly)
+    signal.signal(signal.SIGALRM, _exit_quietly)
+    signal.alarm(WORKER_GRACE_SECONDS)
+
+
 def _end_with(parent: int, _worker_id: int) -> None:
-    """DataLoader workers stop when their rank stops, never on their own.
+    """DataLoader workers end with their rank, without a word in the job log.
 
     SIGTERM: torchrun stops a rank by signalling its whole process group, and SLURM's scancel
-    signals every process of the job. A worker that died of it reached the rank's DataLoader first,
-    and the job log showed "DataLoader worker ... is killed by signal: Terminated" (a traceback)
-    instead of the rank's own clean stop. So the workers ignore it. The rank's stop shuts them down.
+    signals every process of the job. torch's handler in a worker dies of a SIGTERM from anyone but
+    the rank, and a worker that died mid-batch reached the rank first: "DataLoader worker ... is
+    killed by signal: Terminated", or a broken connection in the thread that hands the worker its
+    buffers back, as a traceback beside the rank's own clean stop. So a worker goes on after a
+    SIGTERM until the rank, stopping, shuts it down (`_stop_soon`). It exits with code 0 on a second
+    SIGTERM (the DataLoader's own, for a worker that does not stop when asked) or after a grace
+    period. A Python handler, not SIG_IGN: the commands a worker starts for `pipe:` shards keep
+    SIGTERM's default. And a fetch the stopping rank dropped goes unreported (`_quiet_excepthook`).
 
     SIGKILL of the rank (the OOM killer, a launcher's last resort): the workers get the kernel's
     parent-death signal. They hold copies of the rank's sockets: while they live, the other ranks'
     collectives do not see the rank gone, and the job's teardown waited ~5 s for the workers' own
     parent check. Only for workers forked by the rank itself (Linux's default start method up to
     Python 3.13): a worker started by a forkserver has the server as its parent."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop_soon)
+    sys.excepthook = _quiet_excepthook
     if os.getppid() == parent:
         die_with_parent()
 
