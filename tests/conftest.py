@@ -68,10 +68,10 @@ def pytest_configure(config) -> None:
 
 def pytest_collection_modifyitems(config, items) -> None:
     """The longest tests first, then the other slow ones, then the rest, dealt out to the
-    pytest-xdist workers like cards: the scheduler hands each worker a contiguous run of the list,
-    and an idle worker takes the far end of another's run. So every worker starts on a long test,
-    short tests fill the end, and the workers finish together (a 21 s test that came last kept one
-    worker busy alone for ~20 s)."""
+    pytest-xdist workers like cards: `--dist worksteal` (the Makefile's) hands each worker a
+    contiguous run of the list, and an idle worker takes the far end of another's run. So every
+    worker starts on a long test, short tests fill the end, and the workers finish together (a 21 s
+    test that came last kept one worker busy alone for ~20 s)."""
     items.sort(key=lambda item: (item.get_closest_marker("first") is None, item.get_closest_marker("slow") is None))
     workers = getattr(config, "workerinput", {}).get("workercount", 1)
     items[:] = [item for worker in range(workers) for item in items[worker::workers]]

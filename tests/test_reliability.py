@@ -243,8 +243,9 @@ def test_resume_under_another_world_size_and_global_batch_trains_the_rest_once(
 ):
     """A SLURM requeue on another node count with another --global-batch: the mid-epoch
     checkpoint (16 of epoch 2's 32 examples, 2 processes drawing 8 a step) resumes in 1 process
-    drawing 4 a step, with the other 16 drawn anew. (Either change alone takes the same path: the
-    layout that drew the epoch is not the relaunch's.)"""
+    drawing 4 a step, with the other 16 drawn anew. (In the layout the world size is what differs;
+    another --global-batch alone changes the accumulation: either way the layout that drew the
+    epoch is not the relaunch's, and this path is taken.)"""
     run = tmp_path / "run"
     shutil.copytree(killed_in_epoch_two[0], run)
     resumed, _ = run_probe(tmp_path / "probe", synth_shards, run, "--epochs", "2", "--global-batch", "4", processes=1)
