@@ -24,7 +24,8 @@ _handler_pid = 0  # the process that installed the SIGTERM handler (forked child
 
 
 def _raise_terminated(signum: int, _frame: object) -> None:
-    if os.getpid() != _handler_pid:  # a forked worker (shard pool, DataLoader): die as by default
+    # A forked shard-pool worker: die as by default (DataLoader workers set their own: data/loader.py).
+    if os.getpid() != _handler_pid:
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return

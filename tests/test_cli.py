@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import cli_here
 
 from demucs_dist import __version__
 from demucs_dist.cli import SUBCOMMANDS, main
@@ -37,10 +38,10 @@ def test_bad_model_file_is_one_clear_line_without_traceback(tmp_path, capfd):
 
     bad = tmp_path / "bad.th"
     bad.write_bytes(b"\x00" * 10)
-    assert main(["info", str(bad)]) == 2
-    stderr = capfd.readouterr().err
-    assert stderr.startswith("error:") and "Traceback" not in stderr
-    assert len(stderr.strip().splitlines()) == 1
+    result = cli_here(["info", bad], capfd)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error:") and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
     with pytest.raises(UserError):  # --debug: the exception goes on, with its traceback
         main(["info", str(bad), "--debug"])
 

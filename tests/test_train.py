@@ -177,7 +177,6 @@ def test_compiled_model_exports_a_loadable_model_file(synth_shards, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     model = load_model(tmp_path / "best.th")
     assert model.kwargs["channels"] == 4
-    # TINY has --no-valid-sdr: validation logs its loss and no SDR
     tags = EventAccumulator(str(tmp_path)).Reload().Tags()["scalars"]
     assert "valid/loss" in tags and not [tag for tag in tags if tag.startswith("valid/SDR")]
     weights = torch.load(tmp_path / "checkpoints" / "step-00000001" / "pytorch_model.bin", weights_only=True)
