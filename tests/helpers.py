@@ -84,6 +84,19 @@ def run(command: list, env: dict | None = None, timeout: float = 240) -> subproc
     return subprocess.run([str(c) for c in command], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_ranks(
+    target: list, processes: int | None, env: dict, timeout: float = 240, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    """`target` (["-m", "module", ...] or [script, ...]) as `processes` ranks of a real multi-process
+    run, or as one plain process (processes None), forked from a process that has imported torch
+    (tests/forked.py: the launcher's and the imports' start-up saved); its exit code and output.
+    For runs about what training or evaluation does; what the launcher does is tested under
+    `accelerate launch` itself (launch_command)."""
+    from forked import run_forked
+
+    return run_forked(target, processes, env, timeout, cwd)
+
+
 def cli_here(argv: list, capfd) -> subprocess.CompletedProcess:
     """`demucs-dist ARGV` in this process, through the command line's error handling (one `error:`
     line and exit code 2 for bad input): for tests about a message, not about a process. Its exit
@@ -123,13 +136,18 @@ REFERENCE_RUN = [*TINY, *BATCHING, "--ema", "0.5", "0.9", "--checkpoint-every", 
 
 
 def run_probe(out: Path, shards: Path, logdir: Path, *extra: str, processes: int = 2, env: dict | None = None,
-              check: bool = True):  # fmt: skip
+              check: bool = True, launcher: str = "forked"):  # fmt: skip
     """Train with REFERENCE_RUN's options (then `extra`) through tests/train_probe.py, which saves each
-    rank's final state; returns (CompletedProcess, [state of each rank]), no states if it failed."""
+    rank's final state, in forked ranks (run_ranks; one process: a plain one) or under `accelerate
+    launch` (launcher "accelerate"); returns (CompletedProcess, [state of each rank]), no states if
+    it failed."""
     out.mkdir(parents=True, exist_ok=True)
     args = [PROBE, out, "--shards", shards, "--logdir", logdir, *REFERENCE_RUN, *extra]
-    command = launch_command(args, processes, launcher="accelerate" if processes > 1 else "python")
-    result = run(command, cpu_env(processes, DEMUCS_DIST_PROGRESS_SECONDS="0", **(env or {})))
+    env = cpu_env(processes, DEMUCS_DIST_PROGRESS_SECONDS="0", **(env or {}))
+    if launcher == "forked":
+        result = run_ranks(args, processes if processes > 1 else None, env)
+    else:
+        result = run(launch_command(args, processes, launcher=launcher), env)
     if check:
         assert result.returncode == 0, output(result)
     if result.returncode != 0:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import TINY, build_once, cpu_env, launch_command, output, run, tiny_model
+from helpers import TINY, build_once, cpu_env, output, run_ranks, tiny_model
 
 from demucs_dist.checkpoint import Checkpoints, Progress
 from demucs_dist.errors import UserError
@@ -25,10 +25,9 @@ STEPS = 6  # per epoch: 16 examples a pass x --repeat 3 / global batch 8
 
 
 def train(shards: Path, logdir: Path, *extra: str, processes: int = 1, env: dict | None = None):
-    options = ["--shards", shards, "--logdir", logdir, *TINY, *FAST, "--repeat", "3", *extra]
-    launcher = "python" if processes == 1 else "accelerate"
-    command = launch_command(["-m", "demucs_dist.train", *options], processes, launcher=launcher)
-    return run(command, cpu_env(processes if processes > 1 else None, **(env or {})), timeout=200)
+    target = ["-m", "demucs_dist.train", "--shards", shards, "--logdir", logdir, *TINY, *FAST, "--repeat", "3", *extra]
+    env = cpu_env(processes if processes > 1 else None, **(env or {}))
+    return run_ranks(target, processes if processes > 1 else None, env, timeout=200)
 
 
 def flatten_lstm_like_cudnn(model: Demucs) -> None:

@@ -19,7 +19,7 @@ import pytest
 import soundfile
 import stempeg
 import torch
-from helpers import build_once, keep_output, kept_output, tiny_model
+from helpers import build_once, keep_output, kept_output, run_ranks, tiny_model
 
 from demucs_dist import SOURCES
 from demucs_dist.apply import normalize, song_seed
@@ -37,13 +37,11 @@ SYNTH_SONGS = ["Synth Test 000", "Synth Test 001"]
 
 
 def run(args, processes=1, timeout=300, full=False, **env_extra):
-    """`python -m demucs_dist.evaluate ARGS`, or launch/evaluate.sh with NPROC processes: its
-    stdout (`full`: the CompletedProcess)."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "NPROC": str(processes), **env_extra}
-    command = [sys.executable, "-m", "demucs_dist.evaluate"] if processes == 1 else ["bash", "launch/evaluate.sh"]
-    result = subprocess.run(
-        command + [str(a) for a in args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    """`python -m demucs_dist.evaluate ARGS` in one process, or in `processes` ranks (forked:
+    helpers.run_ranks): its stdout (`full`: the CompletedProcess)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", **env_extra}
+    target = ["-m", "demucs_dist.evaluate", *args]
+    result = run_ranks(target, processes if processes > 1 else None, env, timeout=timeout, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     return result if full else result.stdout
 
@@ -92,7 +90,7 @@ def one_process(model_file, eval_root, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def two_processes(model_file, eval_root, tmp_path_factory):
-    """The same under launch/evaluate.sh in 2 processes: its --out and stdout + stderr."""
+    """The same in 2 processes: its --out and stdout + stderr."""
 
     def build(work: Path) -> None:
         # progress on, a line per update: what a job log (not a terminal) gets

@@ -28,6 +28,7 @@ from helpers import (
     output,
     run,
     run_probe,
+    run_ranks,
     scalars,
 )
 
@@ -43,19 +44,19 @@ HANG_BOUND = 150  # seconds: far above a normal run (~10 s)
 FAILED_JOB_BOUND = 60  # a failed job ends within the 20 s timeout plus a generous startup (~4 s measured)
 
 
-def train(
-    shards: Path, logdir: Path, *extra: str, processes: int = 2, fault: dict | None = None, launcher="accelerate"
-):
-    """Run `demucs-dist train` (1 plain process, or 2 under accelerate launch / torchrun); returns
-    (CompletedProcess, seconds)."""
-    env = cpu_env(processes if launcher == "accelerate" else None, **(fault or {}))
-    options = ["--shards", shards, "--logdir", logdir, *TINY, *FAST, "--epochs", "1", "--repeat", "3"]
-    # torchrun's default (static) rendezvous: its store outlives a restart, which is where restarted
-    # workers used to find the dead round's addresses (distributed.join_restarted_group).
-    command = launch_command(["-m", "demucs_dist.train", *options, *extra], processes,
-                             launcher="python" if processes == 1 else launcher)  # fmt: skip
+def train(shards: Path, logdir: Path, *extra: str, processes: int = 2, fault: dict | None = None, launcher="forked"):
+    """Run `demucs-dist train` (1 plain process, or 2 forked ranks (helpers.run_ranks) or under
+    accelerate launch / torchrun); returns (CompletedProcess, seconds)."""
+    env = cpu_env(processes if launcher != "torchrun" else None, **(fault or {}))
+    target = ["-m", "demucs_dist.train", "--shards", shards, "--logdir", logdir, *TINY, *FAST, "--epochs", "1",
+              "--repeat", "3", *extra]  # fmt: skip
     start = time.monotonic()
-    result = run(command, env, timeout=HANG_BOUND)
+    if launcher == "forked" or processes == 1:
+        result = run_ranks(target, processes if processes > 1 else None, env, timeout=HANG_BOUND)
+    else:
+        # torchrun's default (static) rendezvous: its store outlives a restart, which is where restarted
+        # workers used to find the dead round's addresses (distributed.join_restarted_group).
+        result = run(launch_command(target, processes, launcher=launcher), env, timeout=HANG_BOUND)
     return result, time.monotonic() - start
 
 
@@ -109,7 +110,7 @@ def killed_in_epoch_two(synth_shards, tmp_path_factory):
         start = time.monotonic()
         kill = {"DEMUCS_DIST_FAULT_KILL": "1:7"}
         killed, _ = run_probe(work / "killed", synth_shards, work / "run", "--epochs", "2", "--timeout", "20",
-                              env=kill, check=False)  # fmt: skip
+                              env=kill, check=False, launcher="accelerate")  # fmt: skip
         keep_output(killed, work / "killed")
         (work / "seconds").write_text(str(time.monotonic() - start))
 
@@ -152,7 +153,7 @@ def test_killed_rank_stops_the_job_and_a_relaunch_ends_as_if_uninterrupted(
 def test_kill_during_a_checkpoint_write_keeps_the_previous_one(synth_shards, tmp_path):
     """Rank 0 is killed inside the save of step 4, after its files are written and before the rename."""
     kill = {"DEMUCS_DIST_FAULT_KILL_IN_SAVE": "0:4"}
-    result, seconds = train(synth_shards, tmp_path, "--checkpoint-every", "2", fault=kill)
+    result, seconds = train(synth_shards, tmp_path, "--checkpoint-every", "2", fault=kill, launcher="accelerate")
     assert result.returncode != 0 and seconds < FAILED_JOB_BOUND, output(result)
     # Rank 1 stops at the launcher's SIGTERM at once: rank 0's DataLoader worker died with it and
     # with it its copies of rank 0's sockets (before, rank 1's barrier waited ~5 s for the worker

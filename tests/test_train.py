@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY, build_once, cpu_env, keep_output, kept_output, launch_command, run, scalars
+from helpers import TINY, build_once, cpu_env, keep_output, kept_output, launch_command, run, run_ranks, scalars
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from demucs_dist import SOURCES
@@ -103,12 +103,12 @@ def test_world_size_mismatch_fails_loudly(tmp_path):
     assert "launched as 2 processes but running as 1" in result.stderr
 
 
-def single_step_command(shards: Path, logdir: Path, *extra: str) -> list:
-    """One process, one optimizer step of 2 examples, then a validation."""
+def single_step(shards: Path, logdir: Path, *extra: str):
+    """One process, one optimizer step of 2 examples, then a validation: its CompletedProcess."""
     options = ["--global-batch", "2", "--max-device-batch", "2", "--workers", "0", "--epochs", "1",
                "--epoch-size", "2", "--repeat", "1"]  # fmt: skip
-    command = ["-m", "demucs_dist.train", "--shards", shards, "--logdir", logdir, *TINY, *options, *extra]
-    return launch_command(command, launcher="python")
+    target = ["-m", "demucs_dist.train", "--shards", shards, "--logdir", logdir, *TINY, *options, *extra]
+    return run_ranks(target, None, cpu_env(), timeout=300)
 
 
 @pytest.fixture(scope="session")
@@ -116,8 +116,8 @@ def bf16_step(synth_shards, tmp_path_factory):
     """One bf16 step on one process with validation SDR on: its logdir and output."""
 
     def build(work: Path) -> None:
-        command = single_step_command(synth_shards, work / "run", "--mixed-precision", "bf16", "--valid-sdr")
-        keep_output(run(command, cpu_env()), work / "output")
+        result = single_step(synth_shards, work / "run", "--mixed-precision", "bf16", "--valid-sdr")
+        keep_output(result, work / "output")
 
     work = build_once(tmp_path_factory, "bf16_step", build)
     result = kept_output(work / "output")
@@ -172,8 +172,7 @@ def test_compiled_model_exports_a_loadable_model_file(synth_shards, tmp_path):
     weights, so that the run resumes without --compile. The aot_eager backend wraps and traces the
     model as inductor does, without inductor's C++ builds (~30 s on a CPU with an empty cache).
     Its run also shows validation without --valid-sdr (TINY): the loss is logged, no SDR."""
-    command = single_step_command(synth_shards, tmp_path, "--compile", "--compile-backend", "aot_eager")
-    result = run(command, cpu_env(), timeout=300)
+    result = single_step(synth_shards, tmp_path, "--compile", "--compile-backend", "aot_eager")
     assert result.returncode == 0, result.stderr[-3000:]
     model = load_model(tmp_path / "best.th")
     assert model.kwargs["channels"] == 4
@@ -181,5 +180,5 @@ def test_compiled_model_exports_a_loadable_model_file(synth_shards, tmp_path):
     assert "valid/loss" in tags and not [tag for tag in tags if tag.startswith("valid/SDR")]
     weights = torch.load(tmp_path / "checkpoints" / "step-00000001" / "pytorch_model.bin", weights_only=True)
     assert not [key for key in weights if "_orig_mod" in key]
-    resumed = run(single_step_command(synth_shards, tmp_path, "--epochs", "2"), cpu_env())
+    resumed = single_step(synth_shards, tmp_path, "--epochs", "2")
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-3000:]
