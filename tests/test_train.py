@@ -1,4 +1,5 @@
-"""The trainer in real processes: `accelerate launch` with 2 CPU processes (gloo DDP)."""
+"""The trainer in real processes: 2 CPU ranks (gloo DDP) forked by helpers.run_ranks, or under
+`accelerate launch` for what the launcher does."""
 
 from __future__ import annotations
 
@@ -33,12 +34,6 @@ SCALARS = [
     "valid/best",
     *[f"valid/SDR/{source}" for source in ("All", "drums", "bass", "other", "vocals")],  # songs on both ranks
 ]
-
-
-def launch(args: list[str], processes: int = 2, cpu_flag: bool = False, expect: int | None = None, env=None):
-    """accelerate launch with `processes` CPU processes; returns the CompletedProcess."""
-    command = launch_command(args, processes, cpu_flag=cpu_flag)
-    return run(command, cpu_env(expect or processes, DEMUCS_DIST_PROGRESS_SECONDS="0", **(env or {})))
 
 
 def test_two_processes_finish_two_epochs_with_identical_weights(two_epochs):
@@ -98,7 +93,8 @@ def test_model_files_are_exported(two_epochs):
 
 def test_world_size_mismatch_fails_loudly(tmp_path):
     """`accelerate launch --cpu --num_processes 2` starts one process: the trainer says so and stops."""
-    result = launch(["-m", "demucs_dist.train", "--shards", str(tmp_path), "--logdir", str(tmp_path)], cpu_flag=True)
+    command = launch_command(["-m", "demucs_dist.train", "--shards", tmp_path, "--logdir", tmp_path], cpu_flag=True)
+    result = run(command, cpu_env(2))
     assert result.returncode != 0
     assert "launched as 2 processes but running as 1" in result.stderr
 
