@@ -84,14 +84,12 @@ def run(command: list, env: dict | None = None, timeout: float = 240) -> subproc
     return subprocess.run([str(c) for c in command], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def run_ranks(
-    target: list, processes: int | None, env: dict, timeout: float = 240, cwd: Path | None = None
-) -> subprocess.CompletedProcess:
+def run_ranks(target: list, processes: int, env: dict, timeout: float = 240, cwd: Path | None = None):
     """`target` (["-m", "module", ...] or [script, ...]) as `processes` ranks of a real multi-process
-    run, or as one plain process (processes None), forked from a process that has imported torch
-    (tests/forked.py: the launcher's and the imports' start-up saved); its exit code and output.
-    For runs about what training or evaluation does; what the launcher does is tested under
-    `accelerate launch` itself (launch_command)."""
+    run, or as one plain process (processes 1), forked from a server that has imported torch
+    (tests/forked.py: the launcher's and the imports' start-up saved); its CompletedProcess. For
+    runs about what training or evaluation does; the launcher's part is tested under `accelerate
+    launch` itself (launch_command)."""
     from forked import run_forked
 
     return run_forked(target, processes, env, timeout, cwd)
@@ -145,7 +143,7 @@ def run_probe(out: Path, shards: Path, logdir: Path, *extra: str, processes: int
     args = [PROBE, out, "--shards", shards, "--logdir", logdir, *REFERENCE_RUN, *extra]
     env = cpu_env(processes, DEMUCS_DIST_PROGRESS_SECONDS="0", **(env or {}))
     if launcher == "forked":
-        result = run_ranks(args, processes if processes > 1 else None, env)
+        result = run_ranks(args, processes, env)
     else:
         result = run(launch_command(args, processes, launcher=launcher), env)
     if check:

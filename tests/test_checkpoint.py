@@ -27,7 +27,7 @@ STEPS = 6  # per epoch: 16 examples a pass x --repeat 3 / global batch 8
 def train(shards: Path, logdir: Path, *extra: str, processes: int = 1, env: dict | None = None):
     target = ["-m", "demucs_dist.train", "--shards", shards, "--logdir", logdir, *TINY, *FAST, "--repeat", "3", *extra]
     env = cpu_env(processes if processes > 1 else None, **(env or {}))
-    return run_ranks(target, processes if processes > 1 else None, env, timeout=200)
+    return run_ranks(target, processes, env, timeout=200)
 
 
 def flatten_lstm_like_cudnn(model: Demucs) -> None:

@@ -41,7 +41,7 @@ def run(args, processes=1, timeout=300, full=False, **env_extra):
     helpers.run_ranks): its stdout (`full`: the CompletedProcess)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", **env_extra}
     target = ["-m", "demucs_dist.evaluate", *args]
-    result = run_ranks(target, processes if processes > 1 else None, env, timeout=timeout, cwd=REPO)
+    result = run_ranks(target, processes, env, timeout=timeout, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     return result if full else result.stdout
 

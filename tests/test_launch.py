@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, output, run, run_ranks
+from helpers import TINY, output, run
 
 from demucs_dist import distributed
 from demucs_dist.errors import UserError
@@ -261,12 +261,12 @@ def test_cuda_torch_with_an_old_driver_is_refused_with_torchs_reason(monkeypatch
 @pytest.mark.slow
 @needs_no_cuda
 def test_a_gpu_torch_cannot_use_stops_training_in_one_line_unless_cpu_is_asked_for(fake_bin, tmp_path):
-    target = ["-m", "demucs_dist.train", "--shards", tmp_path / "none", "--logdir", tmp_path / "run"]
+    command = [sys.executable, "-m", "demucs_dist.train", "--shards", tmp_path / "none", "--logdir", tmp_path / "run"]
     env = environment(fake_bin, None)
     env.pop("ACCELERATE_USE_CPU", None)
-    refused = run_ranks(target, None, env)
+    refused = run(command, env)
     assert refused.returncode == 2, output(refused)
     assert refused.stderr.startswith("error: this machine has 4 NVIDIA GPU(s) (GPU 0: NVIDIA H100 80GB HBM3")
     assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
-    asked = run_ranks(target, None, {**env, "ACCELERATE_USE_CPU": "1"})  # past the check: on to the missing shards
+    asked = run(command, {**env, "ACCELERATE_USE_CPU": "1"})  # past the check: on to the missing shards
     assert asked.returncode == 2 and "NVIDIA" not in asked.stderr, output(asked)

@@ -52,7 +52,7 @@ def train(shards: Path, logdir: Path, *extra: str, processes: int = 2, fault: di
               "--repeat", "3", *extra]  # fmt: skip
     start = time.monotonic()
     if launcher == "forked" or processes == 1:
-        result = run_ranks(target, processes if processes > 1 else None, env, timeout=HANG_BOUND)
+        result = run_ranks(target, processes, env, timeout=HANG_BOUND)
     else:
         # torchrun's default (static) rendezvous: its store outlives a restart, which is where restarted
         # workers used to find the dead round's addresses (distributed.join_restarted_group).

@@ -104,7 +104,7 @@ def single_step(shards: Path, logdir: Path, *extra: str):
     options = ["--global-batch", "2", "--max-device-batch", "2", "--workers", "0", "--epochs", "1",
                "--epoch-size", "2", "--repeat", "1"]  # fmt: skip
     target = ["-m", "demucs_dist.train", "--shards", shards, "--logdir", logdir, *TINY, *options, *extra]
-    return run_ranks(target, None, cpu_env(), timeout=300)
+    return run_ranks(target, 1, cpu_env(), timeout=300)
 
 
 @pytest.fixture(scope="session")
