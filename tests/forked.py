@@ -143,6 +143,7 @@ def _serve_request(request: dict) -> dict:
     """Fork the request's processes, wait for them, and reply with their exit code and output."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         pids: list[int] = []
+        server = os.getpid()
         try:
             for env in _environments(request["env"], request["processes"]):
                 sys.stdout.flush()  # nothing of the server's own for a child to write out
@@ -151,7 +152,7 @@ def _serve_request(request: dict) -> dict:
                 if pid == 0:
                     try:
                         os.setpgid(0, pids[0] if pids else 0)  # one group: the ranks and their workers
-                        _become(request["target"], env, request["cwd"], (out.fileno(), err.fileno()))
+                        _become(request["target"], env, request["cwd"], (out.fileno(), err.fileno()), server)
                     finally:
                         os._exit(1)  # never back into the server's frames
                 try:  # also here, so that the group exists before the next rank joins it
@@ -161,7 +162,7 @@ def _serve_request(request: dict) -> dict:
                 pids.append(pid)
             codes, timed_out = _wait(pids, request["timeout"])
         finally:
-            _kill_group(pids)  # what is left: a timed-out run, a stray worker, an interrupted server
+            _signal_group(pids, signal.SIGKILL)  # what is left: a stray worker, an interrupted server
         out.seek(0)
         err.seek(0)
         return {
@@ -183,13 +184,14 @@ def _environments(env: dict[str, str], processes: int) -> list[dict[str, str]]:
     return [dict(ranks, RANK=str(rank), LOCAL_RANK=str(rank)) for rank in range(processes)]
 
 
-def _become(target: list[str], env: dict[str, str], cwd: str, output: tuple[int, int]) -> None:
+def _become(target: list[str], env: dict[str, str], cwd: str, output: tuple[int, int], server: int) -> None:
     """In a forked child: become `python TARGET` with `env`, then exit with its exit code."""
-    import ctypes
     import runpy
     import threading
 
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the server
+    from demucs_dist.errors import die_with_parent
+
+    die_with_parent(server)
     for fd in _protocol_fds:
         os.close(fd)
     os.dup2(output[0], 1)
@@ -240,25 +242,22 @@ def _wait(pids: list[int], timeout: float) -> tuple[dict[int, int], bool]:
                 codes[pid] = os.waitstatus_to_exitcode(status)
         if failed_at is None and any(codes.values()):
             failed_at = time.monotonic()
-            _signal_group(pids[0], signal.SIGTERM)
+            _signal_group(pids, signal.SIGTERM)
         if failed_at is not None and time.monotonic() > failed_at + GRACE_SECONDS:
-            _signal_group(pids[0], signal.SIGKILL)
+            _signal_group(pids, signal.SIGKILL)
         time.sleep(0.02)
     timed_out = len(codes) < len(pids)
-    _kill_group(pids)
+    _signal_group(pids, signal.SIGKILL)  # a timed-out run, or a rank's stray worker
     for pid in set(pids) - set(codes):
         codes[pid] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     return codes, timed_out
 
 
-def _kill_group(pids: list[int]) -> None:
-    if pids:
-        _signal_group(pids[0], signal.SIGKILL)
-
-
-def _signal_group(group: int, signum: int) -> None:
+def _signal_group(pids: list[int], signum: int) -> None:
+    """Signal the process group of the forked processes `pids` (the first one's): them and their workers."""
     try:
-        os.killpg(group, signum)
+        if pids:
+            os.killpg(pids[0], signum)
     except ProcessLookupError:
         pass
 
